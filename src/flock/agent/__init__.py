@@ -1,0 +1,1 @@
+"""The node agent: RPC server, datastores, reconcile loop."""

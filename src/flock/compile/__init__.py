@@ -1,0 +1,1 @@
+"""Pure functions from typed objects to decisions and configs: no kernel, no files, no network."""
