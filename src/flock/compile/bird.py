@@ -86,7 +86,11 @@ class Options:
 
 def protocol_name(peer: IPAddress) -> str:
     """A stable BIRD protocol name for a peer: reordering peers restarts no session."""
-    return f"flock_p{peer.version}_{int(peer):0{32 if peer.version == 6 else 8}x}"
+    name = f"flock_p{peer.version}_{int(peer):0{32 if peer.version == 6 else 8}x}"
+    zone = peer.scope_id if isinstance(peer, ipaddress.IPv6Address) else None
+    if zone:
+        name += "_" + "".join(c if c.isalnum() else "_" for c in zone)
+    return name
 
 
 def host_length(version: int) -> int:
@@ -169,9 +173,6 @@ def render(
     if not isinstance(rid, ipaddress.IPv4Address) or int(rid) == 0:
         raise BirdConfigError(f"router id {rid!r} must be a non-zero IPv4 address")
     _check_options(options)
-    for a in local_addresses:
-        if not _IFNAME_OK.fullmatch(a.ifname):
-            raise BirdConfigError(f"local address {a.interface}: bad interface name {a.ifname!r}")
     pod_routes = _check_exports(node, exports)
 
     out: list[str] = [
@@ -282,16 +283,31 @@ def _export_filter(node: NodeConfig, version: int) -> list[str]:
 
 
 def _check_peers(peers: Sequence[Peer]) -> None:
-    seen: set[IPAddress] = set()
+    seen: set[str] = set()
     for peer in peers:
-        if peer.address in seen:
+        if str(peer.address) in seen:
             raise BirdConfigError(f"peer {peer.address} is listed twice in spec.bgp.peers")
-        seen.add(peer.address)
-        if peer.address.is_link_local or peer.address.is_unspecified or peer.address.is_multicast:
-            raise BirdConfigError(
-                f"peer {peer.address}: link-local, multicast and unspecified peer addresses "
-                "are not supported; use the router's global address on the node's subnet"
-            )
+        seen.add(str(peer.address))
+        if peer.address.is_unspecified or peer.address.is_multicast:
+            raise BirdConfigError(f"peer {peer.address}: cannot be a BGP neighbour")
+        if peer.address.is_link_local:
+            zone = _zone(peer.address)
+            if peer.address.version == 4 or zone is None or not _IFNAME_OK.fullmatch(zone):
+                raise BirdConfigError(
+                    f"peer {peer.address}: a link-local neighbour must be IPv6 with its "
+                    "interface, as fe80::1%eth0"
+                )
+
+
+def _zone(addr: IPAddress) -> str | None:
+    return addr.scope_id if isinstance(addr, ipaddress.IPv6Address) else None
+
+
+def _bare(addr: IPAddress) -> IPAddress:
+    """The address without its %zone."""
+    return (
+        ipaddress.ip_address(int(addr)) if addr.version == 4 else ipaddress.IPv6Address(int(addr))
+    )
 
 
 def _session(
@@ -302,13 +318,15 @@ def _session(
     o: Options,
 ) -> list[str]:
     assert node.spec.bgp is not None
-    addr = peer.address
-    src = source_address(addr, local_addresses)
+    addr = _bare(peer.address)
+    zone = _zone(peer.address)
+    src = None if zone else source_address(addr, local_addresses)
     local = f"local {src} as {node.spec.bgp.asn};" if src else f"local as {node.spec.bgp.asn};"
     lines = [
-        f"protocol bgp {protocol_name(addr)} {{",
+        f"protocol bgp {protocol_name(peer.address)} {{",
         f"  {local}",
-        f"  neighbor {addr} as {peer.asn};",
+        f"  neighbor {addr} as {int(peer.asn)};",
+        *([f'  interface "{zone}";'] if zone else []),
         f"  connect retry time {o.connect_retry_time};",
         f"  error wait time {o.error_wait_min}, {o.error_wait_max};",
     ]
@@ -318,11 +336,11 @@ def _session(
         lines.append(f"  keepalive time {int(peer.keepalive_time)};")
     lines.append(f"  graceful restart {'on' if peer.graceful_restart else 'aware'};")
     if peer.password_secret_ref is not None or peer.password_file is not None:
-        if addr not in passwords:
+        if peer.address not in passwords:
             raise BirdConfigError(
                 f"peer {addr}: has a password reference but no password was resolved for it"
             )
-        lines.append(f'  password "{check_password(addr, passwords[addr])}";')
+        lines.append(f'  password "{check_password(addr, passwords[peer.address])}";')
     if peer.bfd is not None and peer.bfd.enabled:
         b = peer.bfd
         lines.append(
