@@ -1,0 +1,224 @@
+"""Put the compiled NetworkPolicy ruleset into the kernel, atomically, and keep it there.
+
+Two ways to talk to nftables, same contract (one script = one atomic transaction):
+`NftCli` runs `nft -f -` (optionally inside a named netns, for tests and the lab);
+`NftLib` calls libnftables in-process through ctypes, which saves the fork/exec of
+every transaction (the venv cannot import Debian's python3-nftables, which is the
+same ctypes wrapper). Only table `inet flock` is ever named: other tables are never
+read, flushed or deleted.
+
+`PolicyEngine.sync(inputs)` compiles the desired ruleset and applies the smallest
+transaction from what it last applied; on the first call, or if an incremental
+transaction is refused (someone changed our table behind our back), it replaces
+the whole table in one transaction. A sync that fails leaves the kernel as it was
+(nft transactions are all-or-nothing) and raises, so a caller such as CNI ADD
+never proceeds without the rules in place.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flock.compile.policy import (
+    FAMILY,
+    TABLE,
+    PolicyInputs,
+    Ruleset,
+    compile_inputs,
+    render_full,
+    render_update,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NftError(RuntimeError):
+    """nft refused a transaction; nothing of it was applied."""
+
+
+class Nft(Protocol):
+    def run(self, script: str) -> str: ...
+
+
+class NftCli:
+    """`nft -f -`, in the current namespace or inside named netns `netns`."""
+
+    def __init__(self, *, netns: str | None = None, binary: str = "nft") -> None:
+        self.netns = netns
+        self.binary = binary
+
+    def _cmd(self, *args: str) -> list[str]:
+        base = [self.binary, *args]
+        return ["ip", "netns", "exec", self.netns, *base] if self.netns else base
+
+    def run(self, script: str) -> str:
+        proc = subprocess.run(
+            self._cmd("-f", "-"), input=script, capture_output=True, text=True, timeout=60
+        )
+        if proc.returncode != 0:
+            raise NftError(proc.stderr.strip() or f"nft exited {proc.returncode}")
+        return proc.stdout
+
+
+class NftLib:
+    """libnftables through ctypes, in the calling thread's network namespace."""
+
+    def __init__(self, soname: str = "libnftables.so.1") -> None:
+        lib = ctypes.CDLL(soname)
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        lib.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        self._lib = lib
+        self._lock = threading.Lock()
+        self._ctx = lib.nft_ctx_new(0)
+        if not self._ctx:
+            raise NftError("nft_ctx_new failed")
+        lib.nft_ctx_buffer_output(self._ctx)
+        lib.nft_ctx_buffer_error(self._ctx)
+
+    def run(self, script: str) -> str:
+        with self._lock:
+            rc = self._lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
+            out = self._lib.nft_ctx_get_output_buffer(self._ctx) or b""
+            err = self._lib.nft_ctx_get_error_buffer(self._ctx) or b""
+        if rc != 0:
+            raise NftError(err.decode(errors="replace").strip() or f"libnftables returned {rc}")
+        return out.decode(errors="replace")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx:
+                self._lib.nft_ctx_free(self._ctx)
+                self._ctx = None
+
+
+def table_text(nft: Nft) -> str | None:
+    """Our table in nft's text syntax; None if absent."""
+    try:
+        return nft.run(f"list table {FAMILY} {TABLE}")
+    except NftError as exc:
+        if "No such file" in str(exc) or "does not exist" in str(exc):
+            return None
+        raise
+
+
+def delete_table(nft: Nft) -> None:
+    """Remove table inet flock if present (and nothing else)."""
+    nft.run(f"add table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n")
+
+
+@dataclass(slots=True)
+class PolicyStatus:
+    """What `flock status` and the metrics show about NetworkPolicy on this node."""
+
+    syncs: int = 0
+    full_syncs: int = 0
+    last_sync: float | None = None  # unix time of the last successful sync
+    last_duration_s: float | None = None
+    last_compile_s: float | None = None
+    last_apply_s: float | None = None
+    last_error: str | None = None
+    rejected_policies: dict[str, str] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "syncs": self.syncs,
+            "full_syncs": self.full_syncs,
+            "last_sync": self.last_sync,
+            "last_duration_s": self.last_duration_s,
+            "last_compile_s": self.last_compile_s,
+            "last_apply_s": self.last_apply_s,
+            "last_error": self.last_error,
+            "rejected_policies": dict(self.rejected_policies),
+            **self.counts,
+        }
+
+
+class PolicyEngine:
+    """Keeps table inet flock equal to the policy compiled from the inputs.
+
+    `sync` is idempotent, thread-safe and synchronous: when it returns, the kernel
+    enforces `inputs`; when it raises, the kernel still enforces the previous state.
+    """
+
+    def __init__(self, nft: Nft) -> None:
+        self.nft = nft
+        self._lock = threading.Lock()
+        self._applied: Ruleset | None = None
+        self._status = PolicyStatus()
+
+    @property
+    def applied(self) -> Ruleset | None:
+        return self._applied
+
+    def sync(self, inputs: PolicyInputs, *, full: bool = False) -> None:
+        with self._lock:
+            t0 = time.perf_counter()
+            self._status.rejected_policies = {
+                f"{ns}/{name}": msg for (ns, name), msg in sorted(inputs.rejected.items())
+            }
+            for key, msg in self._status.rejected_policies.items():
+                log.warning("NetworkPolicy %s rejected: %s", key, msg)
+            try:
+                desired = compile_inputs(inputs)
+            except Exception as exc:
+                self._status.last_error = f"compile: {exc}"
+                log.exception("policy compile failed; kernel keeps the previous ruleset")
+                raise
+            t1 = time.perf_counter()
+            try:
+                self._apply(desired, full=full)
+            except NftError as exc:
+                self._status.last_error = f"apply: {exc}"
+                log.error("policy apply failed; kernel keeps the previous ruleset: %s", exc)
+                raise
+            t2 = time.perf_counter()
+            st = self._status
+            st.syncs += 1
+            st.last_sync = time.time()
+            st.last_compile_s = t1 - t0
+            st.last_apply_s = t2 - t1
+            st.last_duration_s = t2 - t0
+            st.last_error = None
+            st.counts = desired.summary()
+
+    def _apply(self, desired: Ruleset, *, full: bool) -> None:
+        old = self._applied
+        if old is not None and not full:
+            script = render_update(old, desired)
+            if not script:
+                return
+            try:
+                self.nft.run(script)
+                self._applied = desired
+                return
+            except NftError as exc:
+                log.warning("incremental policy update refused (%s); replacing the table", exc)
+        self.nft.run(render_full(desired))
+        self._applied = desired
+        self._status.full_syncs += 1
+
+    def remove(self) -> None:
+        """Delete our table (agent uninstall); nothing else is touched."""
+        with self._lock:
+            delete_table(self.nft)
+            self._applied = None
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return self._status.as_dict()
