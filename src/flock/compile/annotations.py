@@ -18,8 +18,16 @@ from collections.abc import Mapping
 from typing import Final, get_args
 
 from flock import ANNOTATION_PREFIX
+from flock.compile.embed import EmbedError, layout
 from flock.model.nodeconfig import AddressUse, NodeConfig
-from flock.model.request import EmbedField, FamilyRequest, IPAddress, IPNetwork, PodRequest
+from flock.model.request import (
+    EmbedField,
+    FamilyRequest,
+    IPAddress,
+    IPNetwork,
+    PodIdentity,
+    PodRequest,
+)
 
 KEY_IPV6: Final = "ipv6"
 KEY_IPV4: Final = "ipv4"
@@ -274,6 +282,14 @@ def parse_annotations(
                 values[KEY_IP_ALGO],
                 f"has no effect: {_full(KEY_ADDRESSES)} supplies the IPv6 primary {primary[6]}",
             )
+
+    if embed:
+        for net in sub_ranges[6] or node.ranges(6):
+            assert isinstance(net, ipaddress.IPv6Network)
+            try:
+                layout(net, embed, PodIdentity(namespace=namespace, pod=""))
+            except EmbedError as e:
+                raise AnnotationError(_full(KEY_IP_ALGO), values[KEY_IP_ALGO], str(e)) from None
 
     families: dict[int, FamilyRequest] = {}
     for version in (6, 4):

@@ -29,7 +29,7 @@ import random
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
-from flock.compile.embed import Layout, layout
+from flock.compile.embed import EmbedError, Layout, layout
 from flock.model.allocation import Allocation, AttachmentKey
 from flock.model.request import IPAddress, IPNetwork, PodIdentity, PodRequest
 
@@ -232,7 +232,10 @@ class Ipam:
             raise IpamError("IPv6 wanted but no IPv6 range to allocate from")
         for net in ranges:
             assert isinstance(net, ipaddress.IPv6Network)
-            lay = layout(net, request.embed, identity) if request.embed else None
+            try:
+                lay = layout(net, request.embed, identity) if request.embed else None
+            except EmbedError as e:
+                raise IpamError(str(e)) from e
             ip = self._draw_v6_in(net, lay, rng, own)
             if ip is not None:
                 return ip
