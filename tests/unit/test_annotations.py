@@ -1,4 +1,4 @@
-"""The annotation parser: strict values, errors naming key and token, family conflicts, allow-list."""
+"""The annotation parser: strict values, errors naming key and token, conflicts, allow-list."""
 
 from __future__ import annotations
 
