@@ -288,7 +288,8 @@ def _check_nodes(topo: Topology) -> list[str]:
         out += _check_asn(f"{where}.asn", n.asn)
         if n.asn in asns:
             out.append(
-                f"{where}.asn: ASN {n.asn} is already used by {asns[n.asn]} (eBGP needs one per node)"
+                f"{where}.asn: ASN {n.asn} is already used by {asns[n.asn]} "
+                "(eBGP: one ASN per node)"
             )
         asns.setdefault(n.asn, n.name)
         if not n.uplink:
@@ -363,7 +364,8 @@ def _check_pods(topo: Topology) -> list[str]:
         keys.add(p.key)
         if p.name in names and names[p.name] != p.namespace:
             out.append(
-                f"{where}: pod name {p.name!r} is used in two namespaces (the lab addresses pods by name)"
+                f"{where}: pod name {p.name!r} is used in two namespaces "
+                "(the lab addresses pods by name)"
             )
         names.setdefault(p.name, p.namespace)
         node = nodes.get(p.node)
