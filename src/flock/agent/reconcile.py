@@ -1,0 +1,298 @@
+"""Desired state, computed purely, then applied by one loop (Calico felix's shape).
+
+Datastore events (a pod turned Ready, a pod was deleted, the NodeConfig changed)
+and CNI verbs (an allocation appeared or went) only *mark the state dirty*. One
+loop then computes the whole desired state from three inputs, and nothing else:
+
+- the allocations (the store's view of which attachment holds which address),
+- the pods' readiness and termination (the datastore's view),
+- this node's NodeConfig (aggregates: what does not need a per-pod route),
+
+and hands each part to its applier, in dependency order: the anycast host
+routes in the kernel, then the BGP export set, then the policy state. An
+applier is called only when its part changed since it last succeeded (or when
+a periodic full resync asks for it), so a burst of events collapses into one
+pass and a plain pod's ADD does not touch BIRD at all.
+
+Readiness rules, the reason flock exists (SPEC §5):
+- an anycast address is routed and exported only while at least one of its
+  pods on this node is Ready and not terminating (a terminating pod is
+  withdrawn at once, even while it still serves existing flows);
+- several Ready replicas on one node share one multipath route, which stays
+  until the last of them goes;
+- a pod that is not Ready at ADD starts withdrawn (nothing special: it simply
+  is not Ready in the inputs);
+- a pod whose datastore record belongs to a different incarnation (uid
+  mismatch) counts as not Ready.
+
+`compute_desired` is pure and tested by replaying sequences of states; the
+`Reconciler` class is the loop around it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flock.agent.datastore.base import PodKey, Snapshot
+from flock.model.allocation import Allocation
+from flock.model.nodeconfig import NodeConfig
+from flock.model.pod import Pod
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Nexthop:
+    """One replica's path for an anycast address: via its unicast, out its host veth."""
+
+    via: IPAddress
+    dev: str
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    # anycast address -> next hops of its Ready replicas on this node (never empty)
+    anycast_routes: Mapping[IPAddress, frozenset[Nexthop]] = field(default_factory=dict)
+    # per-pod prefixes to export over BGP, beyond the node's aggregates
+    exports: frozenset[IPNetwork] = frozenset()
+    # pods with an allocation here that are Ready and not terminating
+    active: frozenset[PodKey] = frozenset()
+
+
+def pod_active(alloc: Allocation, pods: Mapping[PodKey, Pod]) -> bool:
+    """Whether the pod behind an allocation may advertise its anycast addresses."""
+    pod = pods.get((alloc.namespace, alloc.pod))
+    if pod is None or not pod.ready or pod.terminating:
+        return False
+    return not (alloc.pod_uid and pod.uid and pod.uid != alloc.pod_uid)
+
+
+def _host_prefix(ip: IPAddress) -> IPNetwork:
+    return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
+
+
+def _inside(ip: IPAddress, aggregates: Sequence[IPNetwork]) -> bool:
+    return any(ip.version == net.version and ip in net for net in aggregates)
+
+
+def compute_desired(
+    allocations: Iterable[Allocation],
+    pods: Mapping[PodKey, Pod],
+    node: NodeConfig | None,
+) -> Desired:
+    """The anycast routes and export set that these inputs call for. Pure."""
+    aggregates: tuple[IPNetwork, ...] = (
+        (*node.spec.cidr6, *node.spec.cidr4) if node is not None else ()
+    )
+    routes: dict[IPAddress, set[Nexthop]] = {}
+    exports: set[IPNetwork] = set()
+    active: set[PodKey] = set()
+    for alloc in allocations:
+        # Outside-aggregate eth0 addresses are advertised per pod, Ready or not:
+        # they are the pod's only route in from the upstream.
+        for ip in alloc.all_addresses:
+            if not _inside(ip, aggregates):
+                exports.add(_host_prefix(ip))
+        if not alloc.anycast or not alloc.host_ifname or not pod_active(alloc, pods):
+            continue
+        active.add((alloc.namespace, alloc.pod))
+        for ip in alloc.anycast:
+            via = alloc.v6 if ip.version == 6 else alloc.v4
+            if via is None:
+                continue  # the annotation parser rejects this; never route without a return path
+            routes.setdefault(ip, set()).add(Nexthop(via=via, dev=alloc.host_ifname))
+    exports.update(_host_prefix(ip) for ip in routes)
+    return Desired(
+        anycast_routes={ip: frozenset(nh) for ip, nh in routes.items()},
+        exports=frozenset(exports),
+        active=frozenset(active),
+    )
+
+
+# ---- the loop -----------------------------------------------------------------------
+
+
+class AnycastApplier(Protocol):
+    async def apply_anycast(self, routes: Mapping[IPAddress, frozenset[Nexthop]]) -> None:
+        """Make the node's anycast host routes exactly `routes` (ours only)."""
+
+
+class ExportApplier(Protocol):
+    async def apply_exports(self, node: NodeConfig, exports: frozenset[IPNetwork]) -> None:
+        """Make BIRD export the node's aggregates plus exactly `exports`."""
+
+
+class PolicyApplier(Protocol):
+    async def apply_policy(self, snapshot: Snapshot, allocations: Sequence[Allocation]) -> None:
+        """Make the node's policy state match the datastore's policies and pods."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How the latest pass went, as a CNI verb waiting on it needs to know."""
+
+    ok: bool = True
+    policy_ok: bool = True
+    error: str = ""
+
+
+@dataclass
+class ReconcileStats:
+    passes: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_pass_seconds: float = 0.0
+    policy_sync_seconds: float = 0.0
+
+
+class Reconciler:
+    """Runs `compute_desired` and the appliers whenever something is marked dirty.
+
+    `sync()` is what a CNI ADD/DEL awaits: it returns once a pass that started
+    after the call has completed, so the pod's routes, exports and policy are in
+    place. Passes never overlap; requests arriving during a pass coalesce into
+    the next one.
+    """
+
+    def __init__(
+        self,
+        *,
+        snapshot: Callable[[], Snapshot],
+        allocations: Callable[[], Sequence[Allocation]],
+        anycast: AnycastApplier | None = None,
+        exports: ExportApplier | None = None,
+        policy: PolicyApplier | None = None,
+        full_resync_interval: float = 60.0,
+        retry_interval: float = 1.0,
+    ) -> None:
+        self._snapshot = snapshot
+        self._allocations = allocations
+        self._anycast = anycast
+        self._exports = exports
+        self._policy = policy
+        self._full_resync_interval = full_resync_interval
+        self._retry_interval = retry_interval
+        self._requested = 0
+        self._done = 0
+        self._wake = asyncio.Event()
+        self._cond = asyncio.Condition()
+        self._applied_routes: Mapping[IPAddress, frozenset[Nexthop]] | None = None
+        self._applied_exports: tuple[NodeConfig, frozenset[IPNetwork]] | None = None
+        self._force = True
+        self._last_full = 0.0
+        self.desired = Desired()
+        self.outcome = Outcome()
+        self.stats = ReconcileStats()
+
+    def set_appliers(
+        self,
+        *,
+        anycast: AnycastApplier | None = None,
+        exports: ExportApplier | None = None,
+        policy: PolicyApplier | None = None,
+    ) -> None:
+        """Attach the appliers (they may need objects built after the reconciler)."""
+        self._anycast, self._exports, self._policy = anycast, exports, policy
+        self.force_resync()
+
+    def mark_dirty(self) -> int:
+        """Ask for a pass; returns the request number `wait_for` can wait on."""
+        self._requested += 1
+        self._wake.set()
+        return self._requested
+
+    def force_resync(self) -> None:
+        """Next pass re-applies every part, changed or not (e.g. BIRD restarted)."""
+        self._force = True
+        self.mark_dirty()
+
+    async def wait_for(self, request: int, timeout: float | None = None) -> Outcome:
+        """Wait until a pass covering `request` has run; its outcome."""
+        async with self._cond:
+            await asyncio.wait_for(self._cond.wait_for(lambda: self._done >= request), timeout)
+            return self.outcome
+
+    async def sync(self, timeout: float | None = None) -> Outcome:
+        return await self.wait_for(self.mark_dirty(), timeout)
+
+    async def run(self, *, max_passes: int | None = None) -> None:
+        """The loop; `max_passes` bounds it for tests."""
+        passes = 0
+        while max_passes is None or passes < max_passes:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._full_resync_interval)
+            except TimeoutError:
+                self._force = True
+            self._wake.clear()
+            target = self._requested
+            ok = await self.run_once()
+            passes += 1
+            async with self._cond:
+                # A failed pass still releases its waiters: an ADD must not hang on
+                # BIRD being down. The failure is logged and retried.
+                self._done = max(self._done, target)
+                self._cond.notify_all()
+            if not ok:
+                await asyncio.sleep(self._retry_interval)
+                self._force = True
+                self._wake.set()
+
+    async def run_once(self) -> bool:
+        """One pass: compute, then apply what changed. False if an applier failed."""
+        start = time.perf_counter()
+        now = time.monotonic()
+        force = self._force or now - self._last_full > self._full_resync_interval
+        self._force = False
+        if force:
+            self._last_full = now
+        snap = self._snapshot()
+        allocs = self._allocations()
+        desired = compute_desired(allocs, snap.pods, snap.node_config)
+        self.desired = desired
+        ok = True
+        routes = desired.anycast_routes
+        if self._anycast is not None and (force or routes != self._applied_routes):
+            if await self._apply("anycast", self._anycast.apply_anycast(routes)):
+                self._applied_routes = routes
+            else:
+                ok = False
+        node = snap.node_config
+        if self._exports is not None and node is not None:
+            want = (node, desired.exports)
+            if force or want != self._applied_exports:
+                if await self._apply("exports", self._exports.apply_exports(node, desired.exports)):
+                    self._applied_exports = want
+                else:
+                    ok = False
+        policy_ok = True
+        if self._policy is not None:
+            t0 = time.perf_counter()
+            policy_ok = await self._apply("policy", self._policy.apply_policy(snap, allocs))
+            self.stats.policy_sync_seconds = time.perf_counter() - t0
+        ok = ok and policy_ok
+        self.stats.passes += 1
+        self.stats.last_pass_seconds = time.perf_counter() - start
+        if not ok:
+            self.stats.failures += 1
+        self.outcome = Outcome(
+            ok=ok, policy_ok=policy_ok, error="" if ok else self.stats.last_error
+        )
+        return ok
+
+    async def _apply(self, part: str, coro: Awaitable[None]) -> bool:
+        try:
+            await coro
+        except Exception as e:
+            self.stats.last_error = f"{part}: {e}"
+            log.exception("reconcile: applying %s failed; will retry", part)
+            return False
+        return True

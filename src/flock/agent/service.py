@@ -1,0 +1,454 @@
+"""The CNI verbs as the agent executes them: ADD, DEL, CHECK, GC, STATUS.
+
+The plugin forwards each runtime call over the unix socket (see
+docs/architecture.md); this module turns it into allocations, kernel state,
+BGP exports and policy, and back into a CNI 1.1.0 result or error.
+
+ADD, in order, each step undone if a later one fails (so a failed ADD leaves no
+address held and no half-made veth; undo is `try/except: undo; raise`, never a
+captured error variable):
+
+  resolve the pod (read through the datastore: no stale annotations) and the
+  NodeConfig -> parse annotations -> allocate (or take `addresses`) -> persist
+  (durable before anything is built on it) -> build the veth and routes ->
+  reconcile (anycast only if Ready, BGP exports, policy in place) -> result.
+
+DEL is idempotent: an unknown container, a missing netns or an already-deleted
+veth is success. It withdraws first (the pod's routes leave BGP before its veth
+goes away), then tears down, then releases and persists. GC releases every
+attachment the runtime no longer lists, and removes veths of ours that no
+allocation knows.
+
+Operations on one container are serialised by a per-container lock; different
+containers run concurrently (kernel work runs in a thread pool, so the event
+loop keeps serving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any, Protocol, TypeVar
+
+from flock.agent.datastore.base import Datastore, NodeConfigUnavailable
+from flock.agent.reconcile import Reconciler
+from flock.apply.datapath import (
+    DatapathError,
+    HostVeth,
+    PodNetResult,
+    PodNetSpec,
+    host_veth_name,
+)
+from flock.apply.store import AllocationStore, allocation_to_dict
+from flock.compile.annotations import AnnotationError, parse_annotations
+from flock.compile.ipam import Ipam, IpamError
+from flock.model.allocation import Allocation, AttachmentKey
+from flock.model.cni import (
+    ERR_INVALID_ENV,
+    ERR_NOT_AVAILABLE,
+    ERR_TRY_AGAIN,
+    ERR_UNKNOWN_CONTAINER,
+    CniError,
+    CniRequest,
+)
+from flock.model.pod import Pod
+from flock.model.request import PodIdentity
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CNI_VERSION = "1.1.0"
+
+# flock's own CNI error codes (100+ are plugin-specific in the CNI spec).
+ERR_ANNOTATION = 100  # a pod annotation cannot be honoured (the message names it)
+ERR_IPAM = 101  # range exhausted, supplied address already held
+ERR_DATAPATH = 102  # the kernel refused part of the pod's network, or policy failed
+ERR_CHECK = 103  # CHECK found the pod's network not as ADD left it
+
+
+class Datapath(Protocol):
+    """The kernel side of pods, as `flock.apply.datapath.Datapath` provides it.
+
+    Blocking calls; the service runs them in a thread pool. A Protocol so that
+    unit tests can replace the kernel.
+    """
+
+    def setup_pod(self, spec: PodNetSpec) -> PodNetResult: ...
+
+    def teardown_pod(
+        self, *, container_id: str, ifname: str = "eth0", host_ifname: str = ""
+    ) -> bool: ...
+
+    def check_pod(self, spec: PodNetSpec) -> list[str]: ...
+
+    def list_host_veths(self) -> list[HostVeth]: ...
+
+
+class Metrics(Protocol):
+    def observe_op(self, verb: str, result: str, seconds: float) -> None: ...
+
+    def set_allocations(self, allocations: Sequence[Allocation]) -> None: ...
+
+
+class _KeyedLocks:
+    """One asyncio lock per container id, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, n = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, n + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, n = self._locks[key]
+            if n <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, n - 1)
+
+
+class CniService:
+    """Executes CNI verbs against IPAM, the store, the datapath and the reconciler."""
+
+    def __init__(
+        self,
+        *,
+        datastore: Datastore,
+        ipam: Ipam,
+        store: AllocationStore,
+        datapath: Datapath,
+        reconciler: Reconciler,
+        metrics: Metrics | None = None,
+        pod_wait: float = 5.0,
+        workers: int = 16,
+        inspect: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
+        self.datastore = datastore
+        self.ipam = ipam
+        self.store = store
+        self.datapath = datapath
+        self.reconciler = reconciler
+        self.metrics = metrics
+        self.pod_wait = pod_wait
+        self._locks = _KeyedLocks()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
+        # The store is not thread-safe and every write fsyncs: one writer thread.
+        self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        # Attachments being deleted: excluded from the desired state so they are
+        # withdrawn before their veth goes.
+        self._deleting: set[AttachmentKey] = set()
+        self._inspect = inspect
+        self.ready = False
+
+    # ---- plumbing -------------------------------------------------------------
+
+    def allocations(self) -> list[Allocation]:
+        """Allocations that should be live (the reconciler's input)."""
+        if not self._deleting:
+            return self.ipam.all()
+        return [a for a in self.ipam.all() if a.key not in self._deleting]
+
+    async def run_kernel(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a blocking kernel call in the thread pool (reconcile appliers use it too)."""
+        return await self._kernel(fn, *args, **kw)
+
+    async def _kernel(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kw))
+
+    async def _persist(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._store_pool, lambda: fn(*args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._store_pool.shutdown(wait=True)
+
+    async def handle(self, req: CniRequest) -> dict[str, Any]:
+        """The RPC handler (`flock.agent.rpc.serve`): the result body, or raises CniError."""
+        start = time.perf_counter()
+        result = "error"
+        try:
+            body = await self._dispatch(req)
+            result = "ok"
+            return body
+        except CniError as e:
+            log.warning(
+                "CNI %s failed: %s",
+                req.command,
+                e.msg,
+                extra={
+                    "verb": req.command,
+                    "code": e.code,
+                    "container": req.container_id[:12],
+                    "pod": f"{req.pod_namespace}/{req.pod_name}",
+                    "cni_details": e.details,
+                },
+            )
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_op(req.command, result, time.perf_counter() - start)
+                self.metrics.set_allocations(self.ipam.all())
+
+    async def _dispatch(self, req: CniRequest) -> dict[str, Any]:
+        if req.command == "ADD":
+            return await self.add(req)
+        if req.command == "DEL":
+            await self.delete(req)
+        elif req.command == "CHECK":
+            await self.check(req)
+        elif req.command == "GC":
+            await self.gc(req)
+        elif req.command == "STATUS":
+            await self.status()
+        else:
+            raise CniError(ERR_INVALID_ENV, f"unknown command {req.command!r}")
+        return {}
+
+    # ---- ADD ------------------------------------------------------------------
+
+    async def _resolve_pod(self, req: CniRequest) -> Pod:
+        ns, name, uid = req.pod_namespace, req.pod_name, req.pod_uid
+        if not ns or not name:
+            raise CniError(
+                ERR_INVALID_ENV,
+                "CNI_ARGS must carry K8S_POD_NAMESPACE and K8S_POD_NAME",
+                f"got {dict(req.args)!r}",
+            )
+        deadline = time.monotonic() + self.pod_wait
+        while True:
+            pod = await self.datastore.get_pod(ns, name)
+            stale = pod is not None and uid and pod.uid and pod.uid != uid
+            if pod is not None and not stale:
+                return pod
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.02)
+        if pod is None:
+            raise CniError(
+                ERR_TRY_AGAIN,
+                f"pod {ns}/{name} is not in the datastore (yet)",
+                f"waited {self.pod_wait:g}s for it",
+            )
+        raise CniError(
+            ERR_TRY_AGAIN,
+            f"pod {ns}/{name} in the datastore has uid {pod.uid}, the runtime says {uid}",
+            f"waited {self.pod_wait:g}s for the datastore to catch up",
+        )
+
+    async def add(self, req: CniRequest) -> dict[str, Any]:
+        if not req.container_id or not req.netns:
+            raise CniError(ERR_INVALID_ENV, "ADD needs CNI_CONTAINERID and CNI_NETNS")
+        if not self.ready:
+            raise CniError(ERR_TRY_AGAIN, "flock agent is still starting (state not loaded)")
+        key = req.key
+        async with self._locks.hold(req.container_id):
+            existing = self.ipam.get(key)
+            if existing is not None:
+                # A repeated ADD (runtime retry after a lost reply): rebuild what is
+                # missing and answer the same result.
+                links = await self._build(existing, req)
+                await self.reconciler.sync()
+                return cni_result(links)
+            pod = await self._resolve_pod(req)
+            try:
+                node = await self.datastore.get_node_config()
+            except NodeConfigUnavailable as e:
+                raise CniError(ERR_TRY_AGAIN, f"no usable NodeConfig: {e}") from None
+            try:
+                request = parse_annotations(pod.annotations, node=node, namespace=pod.namespace)
+            except AnnotationError as e:
+                raise CniError(
+                    ERR_ANNOTATION, f"pod {pod.namespace}/{pod.name}: {e}", e.key or ""
+                ) from None
+            identity = PodIdentity(
+                namespace=pod.namespace, pod=pod.name, image=pod.images[0] if pod.images else ""
+            )
+            try:
+                alloc = self.ipam.allocate(
+                    key,
+                    request,
+                    namespace=pod.namespace,
+                    pod=pod.name,
+                    pod_uid=pod.uid or req.pod_uid,
+                    identity=identity,
+                    netns=req.netns,
+                    host_ifname=host_veth_name(key.container_id, key.ifname),
+                )
+            except IpamError as e:
+                raise CniError(ERR_IPAM, f"pod {pod.namespace}/{pod.name}: {e}") from None
+            try:
+                await self._persist(self.store.record_put, alloc)
+                links = await self._build(alloc, req)
+                try:
+                    outcome = await self.reconciler.sync()
+                    if not outcome.policy_ok:
+                        raise CniError(
+                            ERR_DATAPATH,
+                            f"pod {pod.namespace}/{pod.name}: network policy could not be "
+                            "put in place, refusing to start the pod unprotected",
+                            outcome.error,
+                        )
+                except BaseException:
+                    await self._teardown_quietly(alloc.host_ifname, req)
+                    raise
+            except BaseException:
+                await self._undo_allocation(alloc)
+                raise
+            log.info(
+                "ADD",
+                extra={
+                    "pod": f"{pod.namespace}/{pod.name}",
+                    "container": req.container_id[:12],
+                    "v6": str(alloc.v6) if alloc.v6 else None,
+                    "v4": str(alloc.v4) if alloc.v4 else None,
+                    "anycast": [str(a) for a in alloc.anycast],
+                    "ready": pod.ready,
+                },
+            )
+            return cni_result(links)
+
+    async def _build(self, alloc: Allocation, req: CniRequest) -> PodNetResult:
+        """Veth, addresses, routes; on failure nothing of it is left (setup_pod's promise)."""
+        try:
+            spec = PodNetSpec.from_allocation(replace(alloc, netns=req.netns))
+            return await self._kernel(self.datapath.setup_pod, spec)
+        except (DatapathError, ValueError, OSError) as e:
+            raise CniError(ERR_DATAPATH, f"setting up the pod network failed: {e}") from e
+
+    async def _teardown_quietly(self, name: str, req: CniRequest) -> None:
+        try:
+            await self._teardown(req.key, name)
+        except Exception:
+            log.exception("rollback: tearing down %s failed", name)
+
+    async def _teardown(self, key: AttachmentKey, name: str) -> None:
+        try:
+            await self._kernel(
+                self.datapath.teardown_pod,
+                container_id=key.container_id,
+                ifname=key.ifname,
+                host_ifname=name,
+            )
+        except DatapathError as e:
+            raise CniError(ERR_DATAPATH, f"removing the pod network failed: {e}") from e
+
+    async def _undo_allocation(self, alloc: Allocation) -> None:
+        self.ipam.release(alloc.key)
+        try:
+            await self._persist(self.store.record_delete, alloc.key)
+        except Exception:
+            log.exception("rollback: could not persist the release of %s", alloc.key)
+        self.reconciler.mark_dirty()
+
+    # ---- DEL ------------------------------------------------------------------
+
+    async def delete(self, req: CniRequest) -> None:
+        if not req.container_id:
+            raise CniError(ERR_INVALID_ENV, "DEL needs CNI_CONTAINERID")
+        await self._delete_key(req.key)
+
+    async def _delete_key(self, key: AttachmentKey) -> None:
+        async with self._locks.hold(key.container_id):
+            alloc = self.ipam.get(key)
+            if alloc is not None:
+                # Withdraw (anycast, exports, policy) before the veth goes away.
+                self._deleting.add(key)
+                try:
+                    await self.reconciler.sync()
+                except BaseException:
+                    self._deleting.discard(key)
+                    raise
+            try:
+                await self._teardown(
+                    key,
+                    alloc.host_ifname if alloc else host_veth_name(key.container_id, key.ifname),
+                )
+                if alloc is not None:
+                    self.ipam.release(key)
+                    await self._persist(self.store.record_delete, key)
+            finally:
+                self._deleting.discard(key)
+            if alloc is not None:
+                log.info(
+                    "DEL",
+                    extra={
+                        "pod": f"{alloc.namespace}/{alloc.pod}",
+                        "container": key.container_id[:12],
+                    },
+                )
+
+    # ---- CHECK ----------------------------------------------------------------
+
+    async def check(self, req: CniRequest) -> None:
+        alloc = self.ipam.get(req.key)
+        if alloc is None:
+            raise CniError(
+                ERR_UNKNOWN_CONTAINER,
+                f"container {req.container_id} interface {req.ifname} has no flock allocation",
+            )
+        async with self._locks.hold(req.container_id):
+            spec = PodNetSpec.from_allocation(replace(alloc, netns=req.netns or alloc.netns))
+            problems = await self._kernel(self.datapath.check_pod, spec)
+        if problems:
+            raise CniError(
+                ERR_CHECK,
+                f"pod {alloc.namespace}/{alloc.pod}: {problems[0]}",
+                "; ".join(problems),
+            )
+
+    # ---- GC -------------------------------------------------------------------
+
+    async def gc(self, req: CniRequest) -> list[Allocation]:
+        live = set(req.valid_attachments)
+        released: list[Allocation] = []
+        for alloc in self.ipam.all():
+            if alloc.key in live:
+                continue
+            try:
+                await self._delete_key(alloc.key)
+            except CniError as e:
+                log.warning("GC: could not release %s: %s", alloc.key, e.msg)
+                continue
+            released.append(alloc)
+        # Veths of ours that no allocation (and no live attachment) accounts for.
+        known = {a.host_ifname for a in self.ipam.all()}
+        known |= {host_veth_name(k.container_id, k.ifname) for k in live}
+        for veth in await self._kernel(self.datapath.list_host_veths):
+            if veth.name not in known:
+                log.info("GC: removing leftover veth", extra={"ifname": veth.name})
+                await self._teardown(AttachmentKey("gc", "eth0"), veth.name)
+        if released:
+            log.info("GC released %d attachments", len(released))
+        await self.reconciler.sync()
+        return released
+
+    # ---- STATUS ---------------------------------------------------------------
+
+    async def status(self) -> None:
+        if not self.ready or not self.datastore.synced:
+            raise CniError(ERR_NOT_AVAILABLE, "flock agent is starting: state not loaded yet")
+        try:
+            await self.datastore.get_node_config()
+        except NodeConfigUnavailable as e:
+            raise CniError(ERR_NOT_AVAILABLE, f"flock agent cannot serve ADD: {e}") from None
+
+
+def cni_result(links: PodNetResult) -> dict[str, Any]:
+    """The CNI 1.1.0 result body (the plugin stamps cniVersion and converts)."""
+    return {"cniVersion": CNI_VERSION, **links.to_cni(), "dns": {}}
+
+
+def inspect_allocations(allocs: Sequence[Allocation]) -> list[dict[str, Any]]:
+    return [allocation_to_dict(a) for a in sorted(allocs, key=lambda a: a.key)]

@@ -1,0 +1,169 @@
+"""`flock status`: what one node's agent holds, as a table or as JSON.
+
+The agent serves its state on a second unix socket, `RUN_DIR/status.sock`
+(mode 0600, the same one-request-per-connection framing as the plugin RPC),
+kept apart from the plugin's socket so that an operator's query can never be
+mistaken for, or delay, a CNI verb. The reply is the agent's `inspect()`:
+allocations, the anycast set (with next hops), the BGP export set, BGP
+sessions and the policy engine's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = Path("/run/flock")
+
+
+async def serve_status(
+    path: Path, inspect: Callable[[], Awaitable[dict[str, Any]]]
+) -> asyncio.Server:
+    """Serve `inspect()` as JSON to anyone who connects to `path` (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp))
+        os.chmod(tmp, 0o600)
+        sock.listen(16)
+        os.replace(tmp, path)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+
+    async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader.read(4096), 2)
+            try:
+                body = await inspect()
+            except Exception as e:
+                log.exception("status request failed")
+                body = {"error": str(e)}
+            writer.write(json.dumps(body, default=str).encode())
+            await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    return await asyncio.start_unix_server(on_conn, sock=sock)
+
+
+def query(path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask the agent behind `path` for its state."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.sendall(b"{}")
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    out = json.loads(b"".join(chunks))
+    if not isinstance(out, dict):
+        raise ValueError("status reply is not an object")
+    return out
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)) for r in [header, *rows]
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render(st: dict[str, Any]) -> str:
+    """The human view of an `inspect()` reply."""
+    out = [
+        f"node {st.get('node')}  up {st.get('uptime_s')}s  datastore "
+        f"{'synced' if st.get('datastore_synced') else 'NOT synced'}  "
+        f"NodeConfig {st.get('node_config')}",
+        "",
+    ]
+    allocs = st.get("allocations") or []
+    out.append(f"ALLOCATIONS ({len(allocs)})")
+    rows = [
+        [
+            f"{a['namespace']}/{a['pod']}",
+            a["containerID"][:12],
+            a["hostIfname"],
+            a.get("v6") or "-",
+            a.get("v4") or "-",
+            ",".join(a.get("extraAddresses") or []) or "-",
+            ",".join(a.get("anycast") or []) or "-",
+        ]
+        for a in allocs
+    ]
+    out.append(_table(rows, ["POD", "CONTAINER", "VETH", "IPV6", "IPV4", "EXTRA", "ANYCAST"]))
+    out.append("")
+    anycast = st.get("anycast") or {}
+    out.append(f"ANYCAST ROUTED AND EXPORTED ({len(anycast)})")
+    rows = [
+        [ip, ", ".join(f"{h['via']} dev {h['dev']}" for h in hops)] for ip, hops in anycast.items()
+    ]
+    out.append(_table(rows, ["ADDRESS", "NEXT HOPS (Ready replicas)"]))
+    out.append("")
+    exports = st.get("exports") or []
+    out.append(f"PER-POD EXPORTS ({len(exports)}): " + (", ".join(exports) or "-"))
+    out.append("")
+    bgp = st.get("bgp")
+    if bgp is None:
+        out.append("BGP: not configured (agent runs without --bird-socket)")
+    else:
+        out.append(f"BGP: BIRD {bgp.get('bird')}")
+        rows = [
+            [peer, s.get("state", ""), s.get("info", "")]
+            for peer, s in (bgp.get("sessions") or {}).items()
+        ]
+        out.append(_table(rows, ["PEER", "STATE", "INFO"]))
+    out.append("")
+    pol = st.get("policy")
+    if pol is None:
+        out.append("POLICY: disabled")
+    else:
+        err = pol.get("last_error")
+        out.append(
+            f"POLICY: {pol.get('syncs')} syncs, last {pol.get('last_duration_s')}s"
+            + (f", ERROR {err}" if err else "")
+        )
+        for k, v in (pol.get("rejected_policies") or {}).items():
+            out.append(f"  rejected {k}: {v}")
+    rec = st.get("reconcile") or {}
+    if rec.get("last_error"):
+        out.append(f"RECONCILE last error: {rec['last_error']}")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="flock status", description=__doc__.splitlines()[0])
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    p.add_argument("--socket", type=Path, help="status socket (default RUN_DIR/status.sock)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    a = p.parse_args(list(argv))
+    path = a.socket or a.run_dir / "status.sock"
+    try:
+        st = query(path)
+    except (OSError, ValueError) as e:
+        print(f"flock status: cannot reach the agent at {path}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(st, indent=2) if a.json else render(st))
+    return 0
