@@ -21,13 +21,16 @@ import os
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from flock.apply import rtnl
+from flock.apply.rtnl import Request
+
+__all__ = ["NetlinkError", "Request", "RtnlSocket", "read_sysctl", "socket_in", "write_sysctl"]
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
+NETLINK_GET_STRICT_CHK = 12
 CLONE_NEWNET = 0x40000000
 _RECV_SIZE = 1 << 18
 
@@ -134,14 +137,6 @@ def read_sysctl(netns: str | None, key: str) -> str:
     return out[0]
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    kind: int
-    flags: int
-    body: bytes
-    what: str  # human-readable, for errors: "add 10.0.0.1/32 on eth0"
-
-
 class RtnlSocket:
     """Synchronous rtnetlink requests on one socket. Not thread-safe: one per thread."""
 
@@ -150,6 +145,8 @@ class RtnlSocket:
         self._sock = socket_in(netns)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
         self._sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        # Strict checking lets route dumps be filtered in the kernel (by proto, oif).
+        self._sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         self._sock.bind((0, 0))
         self._seq = 0
         self._buf = bytearray(_RECV_SIZE)
@@ -244,8 +241,9 @@ class RtnlSocket:
     def addrs(self, family: int = 0) -> list[rtnl.Addr]:
         return [rtnl.parse_addr(b) for b in self.dump(rtnl.RTM_GETADDR, rtnl.addr_dump(family))]
 
-    def routes(self, family: int) -> list[rtnl.Route]:
-        return [rtnl.parse_route(b) for b in self.dump(rtnl.RTM_GETROUTE, rtnl.route_dump(family))]
+    def routes(self, family: int, *, proto: int = 0, oif: int | None = None) -> list[rtnl.Route]:
+        body = rtnl.route_dump(family, proto=proto, oif=oif)
+        return [rtnl.parse_route(b) for b in self.dump(rtnl.RTM_GETROUTE, body)]
 
     def neighbours(self, family: int = 0) -> list[rtnl.Neigh]:
         return [rtnl.parse_neigh(b) for b in self.dump(rtnl.RTM_GETNEIGH, rtnl.neigh_dump(family))]

@@ -62,6 +62,7 @@ IFLA_INFO_DATA = 2
 VETH_INFO_PEER = 1
 IFLA_AF_SPEC = 26
 IFLA_NET_NS_FD = 28
+IFLA_GROUP = 27
 IFLA_INET_CONF = 1
 IFLA_INET6_ADDR_GEN_MODE = 8
 IN6_ADDR_GEN_MODE_NONE = 1
@@ -159,6 +160,16 @@ def message(kind: int, flags: int, seq: int, body: bytes) -> bytes:
     return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags | NLM_F_REQUEST, seq, 0) + body
 
 
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request to send: message type, flags (NLM_F_REQUEST/ACK are added), body."""
+
+    kind: int
+    flags: int
+    body: bytes
+    what: str  # human-readable, for errors: "add 10.0.0.1/32 on eth0"
+
+
 # -- bodies -------------------------------------------------------------------
 
 
@@ -226,6 +237,18 @@ def link_set(
     return body
 
 
+def link_retire(*, name: str, group: int) -> bytes:
+    """RTM_SETLINK body: set link `name` down and move it to `group` (for a batched delete)."""
+    return (
+        ifinfo(flags=0, change=IFF_UP) + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_GROUP, group)
+    )
+
+
+def group_delete(group: int) -> bytes:
+    """RTM_DELLINK body deleting every link of `group` in one unregister (one RCU wait)."""
+    return ifinfo() + attr_u32(IFLA_GROUP, group)
+
+
 def link_by_name(name: str) -> bytes:
     """RTM_GETLINK / RTM_DELLINK body selecting a link by name."""
     return ifinfo() + attr_str(IFLA_IFNAME, name)
@@ -276,8 +299,11 @@ def route(
     return body
 
 
-def route_dump(family: int) -> bytes:
-    return _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)
+def route_dump(family: int, *, proto: int = 0, oif: int | None = None) -> bytes:
+    """Route dump request; with NETLINK_GET_STRICT_CHK the kernel filters by proto and oif
+    (a multipath route matches when any of its hops uses `oif`)."""
+    body = _RTMSG.pack(family, 0, 0, 0, 0, proto, 0, 0, 0)
+    return body + attr_u32(RTA_OIF, oif) if oif is not None else body
 
 
 def neighbour(*, index: int, ip: IPAddress, mac: str | None, state: int = NUD_PERMANENT) -> bytes:
@@ -355,6 +381,7 @@ class Link:
     mac: str
     kind: str
     mtu: int
+    group: int = 0
 
 
 def parse_link(body: bytes) -> Link:
@@ -372,6 +399,7 @@ def parse_link(body: bytes) -> Link:
         mac=mac_str(a.get(IFLA_ADDRESS, b"")),
         kind=kind,
         mtu=mtu,
+        group=struct.unpack("=I", a[IFLA_GROUP])[0] if IFLA_GROUP in a else 0,
     )
 
 
