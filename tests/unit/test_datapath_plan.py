@@ -1,0 +1,316 @@
+"""Pure parts of the datapath: rtnetlink encoding/parsing and the per-pod request plan.
+
+pyroute2's own message classes are the oracle: what we encode by hand must
+decode there to the fields we meant, and what pyroute2 encodes must parse here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.ndmsg import ndmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+from flock.apply import rtnl
+from flock.apply.podplan import (
+    GATEWAY_V4,
+    GATEWAY_V6,
+    RTPROT_FLOCK,
+    PodNetResult,
+    PodNetSpec,
+    anycast_route_request,
+    host_requests,
+    host_veth_name,
+    pod_requests,
+    veth_macs,
+)
+
+ip = ipaddress.ip_address
+
+
+def decode(cls: type, kind: int, body: bytes) -> object:
+    msg = cls(rtnl.message(kind, 0, 7, body))
+    msg.decode()
+    return msg
+
+
+# -- encoding, checked by pyroute2's decoder ---------------------------------------
+
+
+def test_veth_with_peer_in_other_namespace() -> None:
+    body = rtnl.veth_new(
+        name="flkabc",
+        mac="ee:01:02:03:04:05",
+        peer_name="eth0",
+        peer_mac="0a:01:02:03:04:05",
+        peer_netns_fd=9,
+        mtu=1400,
+    )
+    m = decode(ifinfmsg, rtnl.RTM_NEWLINK, body)
+    assert m.get_attr("IFLA_IFNAME") == "flkabc"  # type: ignore[attr-defined]
+    assert m.get_attr("IFLA_ADDRESS") == "ee:01:02:03:04:05"  # type: ignore[attr-defined]
+    assert m.get_attr("IFLA_MTU") == 1400  # type: ignore[attr-defined]
+    info = m.get_attr("IFLA_LINKINFO")  # type: ignore[attr-defined]
+    assert info.get_attr("IFLA_INFO_KIND") == "veth"
+    peer = dict(info.get_attr("IFLA_INFO_DATA")["attrs"])["VETH_INFO_PEER"]
+    assert dict(peer["attrs"]) == {
+        "IFLA_IFNAME": "eth0",
+        "IFLA_ADDRESS": "0a:01:02:03:04:05",
+        "IFLA_MTU": 1400,
+        "IFLA_NET_NS_FD": 9,
+    }
+
+
+def test_link_set_up_and_addrgenmode() -> None:
+    body = rtnl.link_set(index=5, up=True, addrgenmode_none=True, ipv4_conf={3: 1})
+    m = decode(ifinfmsg, rtnl.RTM_SETLINK, body)
+    assert (m["index"], m["flags"], m["change"]) == (5, rtnl.IFF_UP, rtnl.IFF_UP)  # type: ignore[index]
+    af = dict(m.get_attr("IFLA_AF_SPEC")["attrs"])  # type: ignore[attr-defined]
+    assert dict(af["AF_INET6"]["attrs"]) == {"IFLA_INET6_ADDR_GEN_MODE": 1}
+    # AF_INET devconf: nested conf index 3 (proxy_arp) = 1.
+    inet = rtnl.attrs(rtnl.attrs(body, 16)[rtnl.IFLA_AF_SPEC])[socket.AF_INET]
+    conf = rtnl.attrs(rtnl.attrs(inet)[rtnl.IFLA_INET_CONF])
+    assert conf == {rtnl.IPV4_DEVCONF_PROXY_ARP: struct.pack("=I", 1)}
+
+
+def test_retire_sets_down_and_group() -> None:
+    m = decode(ifinfmsg, rtnl.RTM_SETLINK, rtnl.link_retire(name="flkx", group=77))
+    assert (m["flags"], m["change"]) == (0, rtnl.IFF_UP)  # type: ignore[index]
+    assert m.get_attr("IFLA_GROUP") == 77  # type: ignore[attr-defined]
+    assert m.get_attr("IFLA_IFNAME") == "flkx"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("addr", "plen", "nodad"), [("2001:db8::5", 128, True), ("192.0.2.5", 32, False)]
+)
+def test_address_v6_is_nodad(addr: str, plen: int, nodad: bool) -> None:
+    m = decode(ifaddrmsg, rtnl.RTM_NEWADDR, rtnl.address(index=3, ip=ip(addr), prefixlen=plen))
+    assert m["index"] == 3 and m["prefixlen"] == plen  # type: ignore[index]
+    assert m.get_attr("IFA_LOCAL") == addr  # type: ignore[attr-defined]
+    assert bool((m.get_attr("IFA_FLAGS") or 0) & rtnl.IFA_F_NODAD) is nodad  # type: ignore[attr-defined]
+
+
+def test_route_single_and_multipath() -> None:
+    body = rtnl.route(
+        dst=ip("198.18.0.1"),
+        dst_len=32,
+        family=socket.AF_INET,
+        multipath=[(ip("192.0.2.1"), 4), (ip("192.0.2.2"), 5)],
+        proto=RTPROT_FLOCK,
+    )
+    m = decode(rtmsg, rtnl.RTM_NEWROUTE, body)
+    assert m["proto"] == RTPROT_FLOCK and m["dst_len"] == 32  # type: ignore[index]
+    assert m.get_attr("RTA_DST") == "198.18.0.1"  # type: ignore[attr-defined]
+    hops = [(h["oif"], h.get_attr("RTA_GATEWAY")) for h in m.get_attr("RTA_MULTIPATH")]  # type: ignore[attr-defined]
+    assert hops == [(4, "192.0.2.1"), (5, "192.0.2.2")]
+    # And our own parser reads back what we wrote.
+    r = rtnl.parse_route(body)
+    assert r.multipath == ((ip("192.0.2.1"), 4), (ip("192.0.2.2"), 5))
+
+    default = rtnl.route(
+        dst=None,
+        dst_len=0,
+        family=socket.AF_INET,
+        oif=2,
+        gateway=GATEWAY_V4,
+        onlink=True,
+    )
+    m = decode(rtmsg, rtnl.RTM_NEWROUTE, default)
+    assert m["flags"] & rtnl.RTNH_F_ONLINK  # type: ignore[index]
+    assert m.get_attr("RTA_GATEWAY") == "169.254.1.1"  # type: ignore[attr-defined]
+    assert m.get_attr("RTA_DST") is None  # type: ignore[attr-defined]
+
+
+def test_neighbour_permanent() -> None:
+    body = rtnl.neighbour(index=2, ip=GATEWAY_V6, mac="ee:00:00:00:00:01")
+    m = decode(ndmsg, rtnl.RTM_NEWNEIGH, body)
+    assert m["state"] == rtnl.NUD_PERMANENT and m["ifindex"] == 2  # type: ignore[index]
+    assert m.get_attr("NDA_DST") == "fe80::1"  # type: ignore[attr-defined]
+    assert m.get_attr("NDA_LLADDR") == "ee:00:00:00:00:01"  # type: ignore[attr-defined]
+
+
+# -- parsing, fed by pyroute2's encoder ---------------------------------------------
+
+
+def _encoded(msg: object) -> bytes:
+    msg.encode()  # type: ignore[attr-defined]
+    data = bytes(msg.data)  # type: ignore[attr-defined]
+    return data[16:]  # body without the netlink header
+
+
+def test_parse_link_addr_neigh_from_pyroute2() -> None:
+    li = ifinfmsg()
+    li["index"], li["flags"] = 4, rtnl.IFF_UP
+    li["attrs"] = [
+        ("IFLA_IFNAME", "flk1"),
+        ("IFLA_ADDRESS", "ee:aa:bb:cc:dd:ee"),
+        ("IFLA_MTU", 1500),
+        ("IFLA_GROUP", 7),
+        ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "veth")]}),
+    ]
+    link = rtnl.parse_link(_encoded(li))
+    assert link == rtnl.Link(4, "flk1", rtnl.IFF_UP, "ee:aa:bb:cc:dd:ee", "veth", 1500, 7)
+
+    ad = ifaddrmsg()
+    ad["family"], ad["prefixlen"], ad["index"] = socket.AF_INET6, 64, 4
+    ad["attrs"] = [("IFA_ADDRESS", "fe80::1"), ("IFA_FLAGS", rtnl.IFA_F_TENTATIVE)]
+    a = rtnl.parse_addr(_encoded(ad))
+    assert (a.ip, a.prefixlen, a.index, a.flags) == (GATEWAY_V6, 64, 4, rtnl.IFA_F_TENTATIVE)
+
+    nd = ndmsg()
+    nd["family"], nd["ifindex"], nd["state"] = socket.AF_INET, 4, rtnl.NUD_PERMANENT
+    nd["attrs"] = [("NDA_DST", "192.0.2.9"), ("NDA_LLADDR", "0a:00:00:00:00:09")]
+    assert rtnl.parse_neigh(_encoded(nd)) == rtnl.Neigh(
+        4, ip("192.0.2.9"), "0a:00:00:00:00:09", rtnl.NUD_PERMANENT
+    )
+
+
+def test_error_with_extended_ack_message() -> None:
+    orig = rtnl.message(rtnl.RTM_NEWROUTE, 0, 5, b"")
+    tlv = rtnl.attr(rtnl.NLMSGERR_ATTR_MSG, b"Nexthop device is not up\0")
+    body = struct.pack("=i", -100) + orig[:16] + tlv
+    reply = rtnl.Reply(rtnl.NLMSG_ERROR, rtnl.NLM_F_CAPPED | rtnl.NLM_F_ACK_TLVS, 5, body)
+    assert rtnl.error_of(reply) == (100, "Nexthop device is not up")
+    ack = rtnl.Reply(rtnl.NLMSG_ERROR, rtnl.NLM_F_CAPPED, 5, struct.pack("=i", 0) + orig[:16])
+    assert rtnl.error_of(ack) == (0, "")
+
+
+def test_split_rejects_truncation() -> None:
+    two = rtnl.message(3, 0, 1, b"") + rtnl.message(3, 0, 2, b"abcd")
+    assert [r.seq for r in rtnl.split(two)] == [1, 2]
+    with pytest.raises(ValueError, match="truncated"):
+        list(rtnl.split(two[:-2]))
+
+
+def test_mac_validation() -> None:
+    with pytest.raises(ValueError, match="not a MAC"):
+        rtnl.mac_bytes("ee:00:00")
+
+
+# -- names and plan ---------------------------------------------------------------
+
+
+@given(st.text(min_size=1, max_size=128), st.sampled_from(["eth0", "net1"]))
+def test_host_veth_name_shape(cid: str, ifname: str) -> None:
+    name = host_veth_name(cid, ifname)
+    assert name.startswith("flk") and len(name) <= 15 and name.isalnum()
+    assert name == host_veth_name(cid, ifname)
+    host, pod = veth_macs(cid, ifname)
+    for mac in (host, pod):
+        first = int(mac[:2], 16)
+        assert first & 0x02 and not first & 0x01  # locally administered unicast
+    assert host != pod
+
+
+def test_names_differ_per_attachment() -> None:
+    assert host_veth_name("abc", "eth0") != host_veth_name("abc", "net1")
+    assert host_veth_name("abc") != host_veth_name("abd")
+    with pytest.raises(ValueError, match="empty"):
+        host_veth_name("")
+
+
+def _spec(**kw: object) -> PodNetSpec:
+    base: dict[str, object] = {
+        "container_id": "c1",
+        "netns": "/run/netns/x",
+        "v6": ip("2001:db8::1"),
+        "v4": ip("192.0.2.1"),
+    }
+    base.update(kw)
+    return PodNetSpec(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "msg"),
+    [
+        ({"v6": None, "v4": None}, "neither a v6 nor a v4"),
+        ({"container_id": ""}, "container_id is empty"),
+        ({"netns": ""}, "netns path is empty"),
+        ({"ifname": "x" * 16}, "bad interface name"),
+        ({"mtu": 20}, "MTU 20 out of range"),
+        ({"v4": None, "extra_addresses": (ip("192.0.2.9"),)}, "192.0.2.9 is IPv4"),
+        ({"v6": None, "anycast": (ip("2001:db8::9"),)}, "2001:db8::9 is IPv6"),
+    ],
+)
+def test_spec_validation(kw: dict[str, object], msg: str) -> None:
+    with pytest.raises(ValueError, match=msg):
+        _spec(**kw)
+
+
+def test_pod_plan_dual_stack() -> None:
+    s = _spec(extra_addresses=(ip("2001:db8::2"), ip("2001:db8::1")), anycast=(ip("198.18.0.1"),))
+    assert s.addresses == (ip("2001:db8::1"), ip("192.0.2.1"), ip("2001:db8::2"))
+    reqs = pod_requests(s, pod_index=2, host_mac="ee:00:00:00:00:01")
+    kinds = [r.kind for r in reqs]
+    # eth0 up first (routes need it), then addresses, gateway neighbours, default routes.
+    assert kinds[0] == rtnl.RTM_SETLINK
+    assert kinds.count(rtnl.RTM_NEWADDR) == 4  # 3 on eth0, 1 anycast on lo
+    assert kinds.count(rtnl.RTM_NEWNEIGH) == 2
+    defaults = [rtnl.parse_route(r.body) for r in reqs if r.kind == rtnl.RTM_NEWROUTE]
+    assert {(d.gateway, d.oif, d.dst_len) for d in defaults} == {
+        (GATEWAY_V6, 2, 0),
+        (GATEWAY_V4, 2, 0),
+    }
+    lo = [rtnl.parse_addr(r.body) for r in reqs if r.kind == rtnl.RTM_NEWADDR][-1]
+    assert (lo.index, lo.ip, lo.prefixlen) == (1, ip("198.18.0.1"), 32)
+
+
+def test_pod_plan_v6_only_has_no_v4() -> None:
+    reqs = pod_requests(_spec(v4=None), pod_index=2, host_mac="ee:00:00:00:00:01")
+    routes = [rtnl.parse_route(r.body) for r in reqs if r.kind == rtnl.RTM_NEWROUTE]
+    assert [r.family for r in routes] == [socket.AF_INET6]
+    assert all("169.254" not in r.what for r in reqs)
+
+
+def test_host_plan() -> None:
+    s = _spec()
+    reqs = host_requests(s, host_index=9, pod_mac="0a:00:00:00:00:01")
+    routes = [rtnl.parse_route(r.body) for r in reqs if r.kind == rtnl.RTM_NEWROUTE]
+    assert {(r.dst, r.dst_len, r.oif, r.proto, r.scope) for r in routes} == {
+        (ip("2001:db8::1"), 128, 9, RTPROT_FLOCK, rtnl.RT_SCOPE_LINK),
+        (ip("192.0.2.1"), 32, 9, RTPROT_FLOCK, rtnl.RT_SCOPE_LINK),
+    }
+    ll = [rtnl.parse_addr(r.body) for r in reqs if r.kind == rtnl.RTM_NEWADDR]
+    assert [(a.ip, a.prefixlen, a.index) for a in ll] == [(GATEWAY_V6, 64, 9)]
+    neigh = [rtnl.parse_neigh(r.body) for r in reqs if r.kind == rtnl.RTM_NEWNEIGH]
+    assert {(n.ip, n.mac, n.state) for n in neigh} == {
+        (ip("2001:db8::1"), "0a:00:00:00:00:01", rtnl.NUD_PERMANENT),
+        (ip("192.0.2.1"), "0a:00:00:00:00:01", rtnl.NUD_PERMANENT),
+    }
+
+
+def test_anycast_request_shapes() -> None:
+    one = anycast_route_request(ip("198.18.0.1"), [(ip("192.0.2.1"), 4)], replace=False)
+    r = rtnl.parse_route(one.body)
+    assert (r.gateway, r.oif, r.multipath, r.proto) == (ip("192.0.2.1"), 4, (), RTPROT_FLOCK)
+    assert one.flags & rtnl.NLM_F_EXCL
+    two = anycast_route_request(
+        ip("198.18.0.1"), [(ip("192.0.2.2"), 5), (ip("192.0.2.1"), 4)], replace=True
+    )
+    r = rtnl.parse_route(two.body)
+    assert r.multipath == ((ip("192.0.2.1"), 4), (ip("192.0.2.2"), 5))
+    assert two.flags & rtnl.NLM_F_REPLACE
+
+
+def test_cni_result_shape() -> None:
+    res = PodNetResult(
+        host_ifname="flkx",
+        host_mac="ee:00:00:00:00:01",
+        host_index=5,
+        pod_ifname="eth0",
+        pod_mac="0a:00:00:00:00:01",
+        pod_index=2,
+        sandbox="/run/netns/x",
+        mtu=1500,
+        addresses=(ip("192.0.2.1"),),
+    ).to_cni()
+    assert res["ips"] == [{"address": "192.0.2.1/32", "gateway": "169.254.1.1", "interface": 1}]
+    assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
+    assert res["interfaces"][1]["sandbox"] == "/run/netns/x"
