@@ -95,16 +95,21 @@ def test_save_replaces_state(tmp_path: Path) -> None:
     assert [a.pod for a in reload(tmp_path)] == ["pod-2", "pod-3"]
 
 
-def test_compaction_after_threshold(tmp_path: Path) -> None:
+def test_compaction_when_journal_outgrows_snapshot(tmp_path: Path) -> None:
     s = fresh(tmp_path, compact_every=5)
-    for i in range(12):
+    for i in range(23):
         s.record_put(mk(i))
+    # compacted at 5 records (floor), then at 5 more (snapshot had 5), then at 10 more
     lines = (tmp_path / JOURNAL_NAME).read_bytes().count(b"\n")
-    assert lines == 2  # compacted at 5 and 10
+    assert lines == 3
     doc = json.loads((tmp_path / SNAPSHOT_NAME).read_text())
-    assert len(doc["allocations"]) == 10 and doc["seq"] == 10
+    assert len(doc["allocations"]) == 20 and doc["seq"] == 20
+    for i in range(20):
+        s.record_delete(mk(i).key)  # 3 + 17 = 20 records: compacts at 20
+    doc = json.loads((tmp_path / SNAPSHOT_NAME).read_text())
+    assert len(doc["allocations"]) == 23 - 17 and doc["seq"] == 23 + 17
     s.close()
-    assert len(reload(tmp_path)) == 12
+    assert [a.pod for a in reload(tmp_path)] == ["pod-20", "pod-21", "pod-22"]
 
 
 def test_crash_between_snapshot_and_journal_reset(tmp_path: Path) -> None:
@@ -149,7 +154,7 @@ def _with_snapshot(tmp_path: Path, n: int = 3) -> bytes:
     return (tmp_path / SNAPSHOT_NAME).read_bytes()
 
 
-@pytest.mark.parametrize("cut", [0, 1, 10, 0.5, -1])
+@pytest.mark.parametrize("cut", [0, 1, 10, 0.5, -2, -3])
 def test_truncated_snapshot_is_an_error_naming_the_file(tmp_path: Path, cut: float) -> None:
     raw = _with_snapshot(tmp_path)
     n = int(len(raw) * cut) if isinstance(cut, float) else (cut if cut >= 0 else len(raw) + cut)
@@ -272,3 +277,31 @@ def test_store_matches_model(tmp_path_factory: pytest.TempPathFactory, ops: list
     finally:
         s.close()
     assert {a.key: a for a in reload(d)} == model
+
+
+def test_valid_json_bit_rot_is_caught_by_the_checksum(tmp_path: Path) -> None:
+    raw = _with_snapshot(tmp_path)
+    assert b"192.0.2.2" in raw
+    (tmp_path / SNAPSHOT_NAME).write_bytes(raw.replace(b"192.0.2.2", b"192.0.2.9"))
+    with pytest.raises(StoreError, match="crc32"):
+        AllocationStore(tmp_path).load()
+
+
+def test_hand_edit_accepted_once_the_checksum_is_removed(tmp_path: Path) -> None:
+    doc = json.loads(_with_snapshot(tmp_path))
+    del doc["crc32"]
+    doc["allocations"][0]["v4"] = "192.0.2.200"
+    (tmp_path / SNAPSHOT_NAME).write_text(json.dumps(doc, indent=2))
+    s = fresh(tmp_path)
+    assert str(s.allocations()[0].v4) == "192.0.2.200"
+    s.compact()
+    s.close()
+    assert str(reload(tmp_path)[0].v4) == "192.0.2.200"
+
+
+def test_compaction_after_load_reproduces_the_snapshot(tmp_path: Path) -> None:
+    raw = _with_snapshot(tmp_path, n=5)
+    s = fresh(tmp_path)
+    s.compact()
+    s.close()
+    assert (tmp_path / SNAPSHOT_NAME).read_bytes() == raw

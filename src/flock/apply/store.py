@@ -6,9 +6,11 @@ twice, so it never guesses: a snapshot or journal it cannot read completely is a
 
 Layout (default state directory /var/lib/flock):
 
-* `allocations.json` -- a snapshot, `{"schemaVersion": 1, "seq": N, "allocations": [...]}`,
-  only ever replaced whole: written to a temp file in the same directory,
-  fsynced, renamed over the old one, and the directory fsynced.
+* `allocations.json` -- a snapshot,
+  `{"schemaVersion": 1, "seq": N, "crc32": "...", "allocations": [...]}` with one
+  allocation per line and a CRC-32 over those lines (so bit rot that still parses
+  as JSON is caught too). It is only ever replaced whole: written to a temp file
+  in the same directory, fsynced, renamed over the old one, directory fsynced.
 * `allocations.journal` -- an append-only log of changes made since that
   snapshot, one line per record: `<crc32 hex> <json>\\n` where the JSON is
   `{"seq": n, "op": "put", "allocation": {...}}` or `{"seq": n, "op": "del", "key": {...}}`.
@@ -155,8 +157,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _record_line(record: Mapping[str, Any]) -> bytes:
-    body = json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+def _encode(a: Allocation) -> bytes:
+    return json.dumps(allocation_to_dict(a), separators=(",", ":")).encode()
+
+
+def _hex8(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 8 and all(c in "0123456789abcdef" for c in v)
+
+
+def _line(body: bytes) -> bytes:
     return b"%08x %s\n" % (zlib.crc32(body), body)
 
 
@@ -169,14 +178,18 @@ class AllocationStore:
     compacted). Not thread-safe: the agent serialises calls.
     """
 
-    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR, *, compact_every: int = 4096) -> None:
+    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR, *, compact_every: int = 1024) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / SNAPSHOT_NAME
         self.journal_path = self.state_dir / JOURNAL_NAME
         self.compact_every = compact_every
         self._state: dict[AttachmentKey, Allocation] = {}
+        # JSON of each allocation, kept from its journal record so that a snapshot
+        # is a join rather than 100,000 re-serialisations.
+        self._encoded: dict[AttachmentKey, bytes] = {}
         self._seq = 0  # seq of the last change made durable
         self._snapshot_seq = 0
+        self._snapshot_len = 0  # allocations in the snapshot on disk
         self._journal_records = 0
         self._journal_fd: int | None = None
         self._loaded = False
@@ -187,6 +200,7 @@ class AllocationStore:
         """Read the snapshot and replay the journal. A missing state dir is an empty store."""
         self.close()
         self._state = {}
+        self._encoded = {}
         self._seq = self._snapshot_seq = 0
         if self.path.exists():
             self._load_snapshot()
@@ -232,7 +246,25 @@ class AllocationStore:
             if a.key in self._state:
                 raise StoreError(f"{where}: allocations[{i}]: attachment {a.key} appears twice")
             self._state[a.key] = a
+        crc = doc.get("crc32")
+        if crc is not None:
+            self._check_body(raw, crc, len(allocs))
         self._seq = self._snapshot_seq = seq
+        self._snapshot_len = len(self._state)
+
+    def _check_body(self, raw: bytes, crc: Any, count: int) -> None:
+        """Verify the checksum this store wrote over the allocation lines, and keep
+        those lines so that the next compaction need not re-serialise them."""
+        lines = raw.split(b"\n")
+        body = b"\n".join(lines[1:-2])
+        if not _hex8(crc) or zlib.crc32(body) != int(crc, 16):
+            raise StoreError(
+                f"{self.path}: crc32 {crc!r} does not match the allocations (corrupted, or "
+                "edited by hand: to accept a hand edit, delete the crc32 field)"
+            )
+        if count and len(lines) == count + 3:
+            for k, line in zip(self._state, lines[1:-2], strict=True):
+                self._encoded[k] = line.removesuffix(b",")
 
     def _replay_journal(self) -> None:
         where = str(self.journal_path)
@@ -304,8 +336,11 @@ class AllocationStore:
         if rec["op"] == "put":
             a = allocation_from_dict(rec.get("allocation"))
             self._state[a.key] = a
+            self._encoded.pop(a.key, None)
         else:
-            self._state.pop(key_from_dict(rec.get("key")), None)
+            k = key_from_dict(rec.get("key"))
+            self._state.pop(k, None)
+            self._encoded.pop(k, None)
 
     # ---- changes -------------------------------------------------------------
 
@@ -324,19 +359,20 @@ class AllocationStore:
         self._require_loaded()
         lines: list[bytes] = []
         seq = self._seq
-        new_state = dict(self._state)
+        # Changes not yet durable; the state is updated only once the write is.
+        pending: dict[AttachmentKey, tuple[Allocation, bytes] | None] = {}
         for a in put:
             seq += 1
-            lines.append(
-                _record_line({"seq": seq, "op": "put", "allocation": allocation_to_dict(a)})
-            )
-            new_state[a.key] = a
+            enc = _encode(a)
+            lines.append(_line(b'{"seq":%d,"op":"put","allocation":%s}' % (seq, enc)))
+            pending[a.key] = (a, enc)
         for k in delete:
-            if k not in new_state:
+            if (pending[k] is None) if k in pending else (k not in self._state):
                 continue
             seq += 1
-            lines.append(_record_line({"seq": seq, "op": "del", "key": _key_to_dict(k)}))
-            del new_state[k]
+            body = {"seq": seq, "op": "del", "key": _key_to_dict(k)}
+            lines.append(_line(json.dumps(body, separators=(",", ":")).encode()))
+            pending[k] = None
         if not lines:
             return
         fd = self._journal()
@@ -352,10 +388,17 @@ class AllocationStore:
                 os.fdatasync(fd)
             self.close()
             raise
-        self._state = new_state
+        for k, v in pending.items():
+            if v is None:
+                self._state.pop(k, None)
+                self._encoded.pop(k, None)
+            else:
+                self._state[k], self._encoded[k] = v
         self._seq = seq
         self._journal_records += len(lines)
-        if self._journal_records >= self.compact_every:
+        # Compact when the journal outgrows the last snapshot (and a floor): the
+        # snapshot's O(n) cost is then paid once per n changes, O(1) amortised.
+        if self._journal_records >= max(self.compact_every, self._snapshot_len):
             self.compact()
 
     def save(self, allocations: Iterable[Allocation]) -> None:
@@ -366,15 +409,16 @@ class AllocationStore:
             if a.key in state:
                 raise StoreError(f"save: attachment {a.key} given twice")
             state[a.key] = a
-        self._write_snapshot(state, self._seq + 1)
         self._state = state
+        self._encoded = {}
+        self._write_snapshot(self._seq + 1)
         self._seq = self._snapshot_seq = self._seq + 1
         self._reset_journal()
 
     def compact(self) -> None:
         """Fold the journal into a fresh snapshot and start an empty journal."""
         self._require_loaded()
-        self._write_snapshot(self._state, self._seq)
+        self._write_snapshot(self._seq)
         self._snapshot_seq = self._seq
         self._reset_journal()
 
@@ -404,14 +448,21 @@ class AllocationStore:
                 _fsync_dir(self.state_dir)
         return self._journal_fd
 
-    def _write_snapshot(self, state: Mapping[AttachmentKey, Allocation], seq: int) -> None:
+    def _write_snapshot(self, seq: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "schemaVersion": SCHEMA_VERSION,
-            "seq": seq,
-            "allocations": [allocation_to_dict(a) for a in state.values()],
-        }
-        data = json.dumps(doc, separators=(",", ":")).encode()
+        parts: list[bytes] = []
+        for k, a in self._state.items():
+            enc = self._encoded.get(k)
+            if enc is None:
+                enc = self._encoded[k] = _encode(a)
+            parts.append(enc)
+        body = b",\n".join(parts)
+        data = b'{"schemaVersion":%d,"seq":%d,"crc32":"%08x","allocations":[\n%s\n]}\n' % (
+            SCHEMA_VERSION,
+            seq,
+            zlib.crc32(body),
+            body,
+        )
         tmp = self.state_dir / f".{SNAPSHOT_NAME}.tmp.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -425,6 +476,7 @@ class AllocationStore:
         os.close(fd)
         os.replace(tmp, self.path)
         _fsync_dir(self.state_dir)
+        self._snapshot_len = len(parts)
 
     def _reset_journal(self) -> None:
         # Safe at any point: the snapshot is durable and carries `seq`, so records
