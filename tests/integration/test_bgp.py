@@ -1,0 +1,356 @@
+"""BIRD driven by BirdController, peering with a real FRR router, judged from FRR's own view.
+
+Topology (all namespaces prefixed `fb`, removed afterwards):
+
+    pod ns ── node1 (BIRD) ──┐
+                             ├── router (FRR: zebra, bgpd, bfdd)
+              node2 (BIRD) ──┘
+
+Each node peers with the router over IPv6 and IPv4 on its uplink. node1's IPv6
+session uses a TCP MD5 password read from a file and BFD; node1's sessions use
+a 30 s hold time so that BFD's 300 ms detection is clearly distinguishable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import shutil
+import tempfile
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from flock.apply.bird import BirdController
+from flock.model.nodeconfig import NodeConfig
+from flock.testbed import netns
+from flock.testbed.bird import BirdDaemon
+from flock.testbed.frr import FrrRouter, Neighbor, router_config, wait_until
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("bird") is None or not Path("/usr/lib/frr/bgpd").exists(),
+        reason="needs Debian bird2 and frr",
+    ),
+]
+
+T = TypeVar("T")
+N = ipaddress.ip_network
+ROUTER_ASN = 65000
+ANY6, ANY4 = "2001:db8:a::53/128", "198.51.100.53/32"
+PASSWORD = "fl0ck-md5#secret"
+HOLD, KEEPALIVE = 30, 10
+
+
+@dataclass
+class NodeEnv:
+    index: int
+    ns: str
+    bird: BirdDaemon
+    ctl: BirdController
+    config: NodeConfig
+    v6: str  # the node's uplink addresses (FRR's neighbour addresses)
+    v4: str
+
+    @property
+    def cidr6(self) -> str:
+        return str(self.config.spec.cidr6[0])
+
+    @property
+    def cidr4(self) -> str:
+        return str(self.config.spec.cidr4[0])
+
+
+@dataclass
+class Lab:
+    loop: asyncio.AbstractEventLoop
+    router_ns: str
+    router: FrrRouter
+    nodes: list[NodeEnv]
+    workdir: Path
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def export(self, node: NodeEnv, *prefixes: str) -> None:
+        self.run(node.ctl.sync(node.config, {N(p) for p in prefixes}))
+
+    def routes(self, version: int) -> dict[str, set[str]]:
+        return self.router.bgp_routes(version)
+
+
+def node_config(i: int, workdir: Path) -> NodeConfig:
+    peer6: dict[str, Any] = {"address": f"2001:db8:{i}::1", "asn": ROUTER_ASN}
+    peer4: dict[str, Any] = {"address": f"10.0.{i}.1", "asn": ROUTER_ASN}
+    if i == 1:
+        pw = workdir / "node1-peer.pw"
+        pw.write_text(PASSWORD + "\n")
+        peer6 |= {
+            "passwordFile": str(pw),
+            "bfd": {"minRx": 100, "minTx": 100, "multiplier": 3},
+        }
+        for p in (peer6, peer4):
+            p |= {"holdTime": HOLD, "keepaliveTime": KEEPALIVE}
+    return NodeConfig.from_object(
+        {
+            "apiVersion": "flock.fritzlab.net/v1alpha1",
+            "kind": "NodeConfig",
+            "metadata": {"name": f"node{i}"},
+            "spec": {
+                "cidr6": [f"2001:db8:f00{i}::/64"],
+                "cidr4": [f"10.1.{i}.0/24"],
+                "allowedAddresses": [{"cidr": "2001:db8:a::/48"}, {"cidr": "198.51.100.0/24"}],
+                "bgp": {"asn": 65100 + i, "peers": [peer6, peer4]},
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    workdir = Path(tempfile.mkdtemp(prefix="fbbgp"))
+    os.chmod(workdir, 0o755)
+    made: list[str] = []
+    birds: list[BirdDaemon] = []
+    loop = asyncio.new_event_loop()
+    router: FrrRouter | None = None
+    ctls: list[BirdController] = []
+    try:
+        rns = netns.unique_name("fbr", 8)
+        netns.create(rns, forwarding=True)
+        made.append(rns)
+        nodes: list[NodeEnv] = []
+        neighbors: list[Neighbor] = []
+        for i in (1, 2):
+            ns = netns.unique_name(f"fbn{i}", 8)
+            netns.create(ns, forwarding=True)
+            made.append(ns)
+            netns.veth(rns, f"r{i}", ns, "up0")
+            netns.add_address(rns, f"r{i}", f"2001:db8:{i}::1/64")
+            netns.add_address(rns, f"r{i}", f"10.0.{i}.1/24")
+            netns.add_address(ns, "up0", f"2001:db8:{i}::2/64")
+            netns.add_address(ns, "up0", f"10.0.{i}.2/24")
+            netns.run(["ip", "-6", "route", "add", "default", "via", f"2001:db8:{i}::1"], netns=ns)
+            netns.run(["ip", "-4", "route", "add", "default", "via", f"10.0.{i}.1"], netns=ns)
+            bird = BirdDaemon(ns, workdir / f"node{i}")
+            bird.start()
+            birds.append(bird)
+            ctl = BirdController(
+                config_path=bird.config_path, socket_path=bird.socket_path, netns=ns
+            )
+            ctls.append(ctl)
+            cfg = node_config(i, workdir)
+            nodes.append(NodeEnv(i, ns, bird, ctl, cfg, f"2001:db8:{i}::2", f"10.0.{i}.2"))
+            timers = {"keepalive": KEEPALIVE, "hold": HOLD} if i == 1 else {}
+            neighbors += [
+                Neighbor(
+                    ipaddress.ip_address(f"2001:db8:{i}::2"),
+                    65100 + i,
+                    bfd=i == 1,
+                    password=PASSWORD if i == 1 else None,
+                    **timers,
+                ),
+                Neighbor(ipaddress.ip_address(f"10.0.{i}.2"), 65100 + i, **timers),
+            ]
+        router = FrrRouter(rns, workdir / "router")
+        router.start(
+            router_config(
+                asn=ROUTER_ASN, router_id=ipaddress.IPv4Address("10.0.0.254"), neighbors=neighbors
+            )
+        )
+        env = Lab(loop, rns, router, nodes, workdir)
+        for n in nodes:
+            env.export(n)
+        yield env
+    finally:
+        for ctl in ctls:
+            loop.run_until_complete(ctl.close())
+        loop.close()
+        if router is not None:
+            router.stop()
+        for b in birds:
+            b.stop()
+        for ns in reversed(made):
+            netns.delete(ns)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def all_established(lab: Lab, timeout: float = 40) -> None:
+    want = {a for n in lab.nodes for a in (n.v6, n.v4)}
+    wait_until(
+        "all sessions Established",
+        lab.router.neighbor_states,
+        lambda s: all(s.get(a) == "Established" for a in want),
+        timeout=timeout,
+    )
+
+
+def test_sessions_established_and_aggregates_learned(lab: Lab) -> None:
+    all_established(lab)
+    r6 = wait_until("v6 aggregates", lambda: lab.routes(6), lambda r: len(r) >= 2)
+    r4 = wait_until("v4 aggregates", lambda: lab.routes(4), lambda r: len(r) >= 2)
+    for n in lab.nodes:
+        assert r6[n.cidr6] == {n.v6}
+        assert r4[n.cidr4] == {n.v4}
+    # Nothing but the aggregates is exported while the export set is empty.
+    assert set(r6) == {n.cidr6 for n in lab.nodes}
+    assert set(r4) == {n.cidr4 for n in lab.nodes}
+    # The controller sees the same sessions.
+    for n in lab.nodes:
+        sessions = lab.run(n.ctl.sessions())
+        peers = {f"2001:db8:{n.index}::1": True, f"10.0.{n.index}.1": True}
+        assert {str(a): s.established for a, s in sessions.items()} == peers
+    # node1's IPv6 session is up with a TCP MD5 password that came from a file.
+    assert "password" in (lab.nodes[0].bird.config_path.read_text())
+
+
+def test_anycast_from_two_nodes_is_ecmp_and_withdraws_per_node(lab: Lab) -> None:
+    all_established(lab)
+    n1, n2 = lab.nodes
+    for n in lab.nodes:
+        lab.export(n, ANY6, ANY4)
+    wait_until("v6 ECMP", lambda: lab.routes(6).get(ANY6), lambda p: p == {n1.v6, n2.v6})
+    wait_until("v4 ECMP", lambda: lab.routes(4).get(ANY4), lambda p: p == {n1.v4, n2.v4})
+    # zebra installed both next hops.
+    hops6 = wait_until("FIB v6", lambda: lab.router.fib_nexthops(ANY6), lambda h: len(h) == 2)
+    assert {ifname for _, ifname in hops6} == {"r1", "r2"}
+    assert lab.router.fib_nexthops(ANY4) == {(n1.v4, "r1"), (n2.v4, "r2")}
+
+    lab.export(n1)  # node1's replica is no longer Ready
+    wait_until("one v6 path", lambda: lab.routes(6).get(ANY6), lambda p: p == {n2.v6})
+    wait_until("one v4 path", lambda: lab.routes(4).get(ANY4), lambda p: p == {n2.v4})
+    lab.export(n2)
+    wait_until("v6 gone", lambda: lab.routes(6), lambda r: ANY6 not in r)
+    wait_until("v4 gone", lambda: lab.routes(4), lambda r: ANY4 not in r)
+    assert lab.router.fib_nexthops(ANY6) == set()
+
+
+def test_outside_aggregate_addresses_learned_as_host_routes(lab: Lab) -> None:
+    all_established(lab)
+    n1 = lab.nodes[0]
+    lab.export(n1, "2001:db8:a::99/128", "198.51.100.99/32", "203.0.113.9/32")
+    try:
+        wait_until("/128", lambda: lab.routes(6).get("2001:db8:a::99/128"), lambda p: p == {n1.v6})
+        wait_until("/32", lambda: lab.routes(4).get("198.51.100.99/32"), lambda p: p == {n1.v4})
+        # Not in spec.allowedAddresses: refused by the controller, never seen by FRR.
+        assert "203.0.113.9/32" not in lab.routes(4)
+    finally:
+        lab.export(n1)
+
+
+def test_traffic_from_router_reaches_the_anycast_replica(lab: Lab) -> None:
+    all_established(lab)
+    n1 = lab.nodes[0]
+    pod = netns.unique_name("fbp", 8)
+    netns.create(pod)
+    try:
+        netns.veth(n1.ns, "fbpod0", pod, "eth0")
+        netns.add_address(n1.ns, "fbpod0", "fd00:99::1/64")
+        netns.add_address(n1.ns, "fbpod0", "10.99.0.1/24")
+        netns.add_address(pod, "eth0", "fd00:99::2/64")
+        netns.add_address(pod, "eth0", "10.99.0.2/24")
+        netns.add_address(pod, "lo", ANY6)
+        netns.add_address(pod, "lo", ANY4)
+        netns.run(["ip", "-6", "route", "add", "default", "via", "fd00:99::1"], netns=pod)
+        netns.run(["ip", "-4", "route", "add", "default", "via", "10.99.0.1"], netns=pod)
+        netns.run(["ip", "-6", "route", "add", ANY6, "via", "fd00:99::2"], netns=n1.ns)
+        netns.run(["ip", "-4", "route", "add", ANY4, "via", "10.99.0.2"], netns=n1.ns)
+        lab.export(n1, ANY6, ANY4)
+        wait_until("FIB v6", lambda: lab.router.fib_nexthops(ANY6), lambda h: len(h) == 1)
+        wait_until("FIB v4", lambda: lab.router.fib_nexthops(ANY4), lambda h: h == {(n1.v4, "r1")})
+        for ip in ("2001:db8:a::53", "198.51.100.53"):
+            res = netns.run(["ping", "-c", "2", "-W", "2", ip], netns=lab.router_ns, check=False)
+            assert res.returncode == 0, res.stdout + res.stderr
+        # Withdrawn: the router has no route left, so the same ping fails.
+        lab.export(n1)
+        wait_until("FIB v6 gone", lambda: lab.router.fib_nexthops(ANY6), lambda h: not h)
+        res = netns.run(
+            ["ping", "-c", "1", "-W", "1", "2001:db8:a::53"], netns=lab.router_ns, check=False
+        )
+        assert res.returncode != 0
+    finally:
+        lab.export(n1)
+        netns.delete(pod)
+        netns.run(["ip", "link", "del", "fbpod0"], netns=n1.ns, check=False)
+
+
+def test_bird_killed_and_restarted_gets_its_routes_back(lab: Lab) -> None:
+    all_established(lab)
+    n2 = lab.nodes[1]
+    lab.export(n2, ANY6, ANY4)
+    wait_until("anycast from node2", lambda: lab.routes(6).get(ANY6), lambda p: p == {n2.v6})
+    assert lab.run(n2.ctl.check())
+
+    n2.bird.kill()
+    assert not lab.run(n2.ctl.healthy())
+    assert not lab.run(n2.ctl.check())
+    wait_until("node2 routes gone", lambda: lab.routes(6), lambda r: n2.cidr6 not in r)
+    # The sidecar comes back with its config volume wiped: only the agent can restore it.
+    n2.bird.config_path.unlink()
+    n2.bird.start()
+    assert lab.run(n2.ctl.healthy())
+    assert lab.run(n2.ctl.check())  # notices the restart, restores config and exports
+    r6 = wait_until(
+        "node2 back",
+        lambda: lab.routes(6),
+        lambda r: r.get(n2.cidr6) == {n2.v6} and r.get(ANY6) == {n2.v6},
+        timeout=60,
+    )
+    assert ANY6 in r6
+    wait_until("v4 back", lambda: lab.routes(4).get(ANY4), lambda p: p == {n2.v4}, timeout=30)
+    lab.export(n2)
+    wait_until("withdrawn again", lambda: lab.routes(6), lambda r: ANY6 not in r)
+
+
+def test_bfd_drops_routes_within_detection_time_not_hold_time(lab: Lab) -> None:
+    import time
+
+    all_established(lab)
+    n1 = lab.nodes[0]
+    wait_until("BFD up", lab.router.bfd_peers, lambda p: p.get(n1.v6) == "up", timeout=30)
+    # Cut the uplink without a carrier change: drop everything node1 sends.
+    netns.run(["nft", "add", "table", "inet", "fbcut"], netns=n1.ns)
+    chain = "{ type filter hook output priority 0; policy drop; }"
+    netns.run(["nft", "add", "chain", "inet", "fbcut", "out", chain], netns=n1.ns)
+    t0 = time.monotonic()
+    try:
+        wait_until(
+            "node1 v6 gone", lambda: lab.routes(6), lambda r: n1.cidr6 not in r, timeout=HOLD
+        )
+        elapsed = time.monotonic() - t0
+        assert elapsed < HOLD / 3, f"took {elapsed:.1f}s: that is the hold timer, not BFD"
+        # The IPv4 session (no BFD, same 30 s hold) is still up: the drop came from BFD.
+        assert lab.router.neighbor_states()[n1.v4] == "Established"
+        assert n1.cidr4 in lab.routes(4)
+    finally:
+        netns.run(["nft", "delete", "table", "inet", "fbcut"], netns=n1.ns, check=False)
+    all_established(lab, timeout=90)
+
+
+def test_wrong_md5_password_keeps_the_session_down(lab: Lab) -> None:
+    all_established(lab)
+    n1 = lab.nodes[0]
+    pw = Path(n1.config.spec.bgp.peers[0].password_file or "")  # type: ignore[union-attr]
+    pw.write_text("not-the-password\n")
+    try:
+        lab.run(n1.ctl.restore())  # re-reads the password, configures: the session restarts
+        wait_until(
+            "session down", lab.router.neighbor_states, lambda s: s.get(n1.v6) != "Established"
+        )
+        with pytest.raises(TimeoutError):
+            wait_until(
+                "session up",
+                lab.router.neighbor_states,
+                lambda s: s.get(n1.v6) == "Established",
+                timeout=12,
+            )
+    finally:
+        pw.write_text(PASSWORD + "\n")
+        lab.run(n1.ctl.restore())
+    all_established(lab, timeout=60)
