@@ -112,6 +112,12 @@ def node_config(i: int, workdir: Path) -> NodeConfig:
     )
 
 
+def no_dad(ns: str) -> None:
+    """Link-local addresses usable at once: FRR will not open an IPv6 session before."""
+    netns.sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
+    netns.sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
+
+
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     workdir = Path(tempfile.mkdtemp(prefix="fbbgp"))
@@ -125,12 +131,14 @@ def lab() -> Iterator[Lab]:
         rns = netns.unique_name("fbr", 8)
         netns.create(rns, forwarding=True)
         made.append(rns)
+        no_dad(rns)
         nodes: list[NodeEnv] = []
         neighbors: list[Neighbor] = []
         for i in (1, 2):
             ns = netns.unique_name(f"fbn{i}", 8)
             netns.create(ns, forwarding=True)
             made.append(ns)
+            no_dad(ns)
             netns.veth(rns, f"r{i}", ns, "up0")
             netns.add_address(rns, f"r{i}", f"2001:db8:{i}::1/64")
             netns.add_address(rns, f"r{i}", f"10.0.{i}.1/24")
@@ -138,15 +146,6 @@ def lab() -> Iterator[Lab]:
             netns.add_address(ns, "up0", f"10.0.{i}.2/24")
             netns.run(["ip", "-6", "route", "add", "default", "via", f"2001:db8:{i}::1"], netns=ns)
             netns.run(["ip", "-4", "route", "add", "default", "via", f"10.0.{i}.1"], netns=ns)
-            bird = BirdDaemon(ns, workdir / f"node{i}")
-            bird.start()
-            birds.append(bird)
-            ctl = BirdController(
-                config_path=bird.config_path, socket_path=bird.socket_path, netns=ns
-            )
-            ctls.append(ctl)
-            cfg = node_config(i, workdir)
-            nodes.append(NodeEnv(i, ns, bird, ctl, cfg, f"2001:db8:{i}::2", f"10.0.{i}.2"))
             timers = {"keepalive": KEEPALIVE, "hold": HOLD} if i == 1 else {}
             neighbors += [
                 Neighbor(
@@ -164,6 +163,17 @@ def lab() -> Iterator[Lab]:
                 asn=ROUTER_ASN, router_id=ipaddress.IPv4Address("10.0.0.254"), neighbors=neighbors
             )
         )
+        # BIRD after FRR: its first connection attempt then finds a listener.
+        for i, ns in ((1, made[1]), (2, made[2])):
+            bird = BirdDaemon(ns, workdir / f"node{i}")
+            bird.start()
+            birds.append(bird)
+            ctl = BirdController(
+                config_path=bird.config_path, socket_path=bird.socket_path, netns=ns
+            )
+            ctls.append(ctl)
+            cfg = node_config(i, workdir)
+            nodes.append(NodeEnv(i, ns, bird, ctl, cfg, f"2001:db8:{i}::2", f"10.0.{i}.2"))
         env = Lab(loop, rns, router, nodes, workdir)
         for n in nodes:
             env.export(n)
