@@ -10,10 +10,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -257,18 +258,11 @@ def _parse_network(v: Any) -> Any:
 
 
 class NodeConfigSpec(_Model):
-    cidr6: tuple[ipaddress.IPv6Network, ...] = ()
-    cidr4: tuple[ipaddress.IPv4Network, ...] = ()
+    cidr6: tuple[Annotated[ipaddress.IPv6Network, BeforeValidator(_parse_network)], ...] = ()
+    cidr4: tuple[Annotated[ipaddress.IPv4Network, BeforeValidator(_parse_network)], ...] = ()
     defaults: Defaults = Defaults()
     bgp: Bgp | None = None
     allowed_addresses: tuple[AllowedAddresses, ...] = ()
-
-    @field_validator("cidr6", "cidr4", mode="before")
-    @classmethod
-    def _strict_cidrs(cls, v: Any) -> Any:
-        if isinstance(v, list | tuple):
-            return tuple(_parse_network(x) for x in v)
-        return v
 
     @field_validator("cidr6", "cidr4")
     @classmethod
