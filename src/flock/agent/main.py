@@ -110,6 +110,8 @@ class NftPolicy:
         self.service = service
         self.engine = engine
         self._parsed: dict[tuple[str, str], tuple[Mapping[str, Any], Any]] = {}
+        self._local: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._empty_applied = False
 
     def _policies(self, snap: Snapshot) -> tuple[list[Any], dict[tuple[str, str], str]]:
         from flock.model.policy import NetworkPolicy, PolicyError
@@ -138,14 +140,30 @@ class NftPolicy:
         from flock.compile.policy import LocalPod, PolicyInputs
         from flock.model.pod import Pod
 
+        good, bad = self._policies(snapshot)
+        if not good and self._empty_applied:
+            # No NetworkPolicy selects anyone, so no pod is isolated: the ruleset is
+            # empty whatever the pods are, and it is already applied.
+            return
         pods = dict(snapshot.pods)
         local = []
+        cache: dict[tuple[str, str, str], tuple[Pod | None, Any]] = {}
         for a in allocations:
-            pod = pods.get((a.namespace, a.pod)) or Pod(namespace=a.namespace, name=a.pod)
-            pod = dataclasses.replace(pod, ips=a.all_addresses)
-            pods[(a.namespace, a.pod)] = pod
-            local.append(LocalPod(pod=pod, ifname=a.host_ifname, ips=a.all_addresses))
-        good, bad = self._policies(snapshot)
+            key = (a.namespace, a.pod, a.host_ifname)
+            src = pods.get((a.namespace, a.pod))
+            hit = self._local.get(key)
+            # Same objects for unchanged pods: the policy compiler reuses work by identity.
+            if hit is not None and hit[0] is src and hit[1].ips == a.all_addresses:
+                lp = hit[1]
+            else:
+                pod = dataclasses.replace(
+                    src or Pod(namespace=a.namespace, name=a.pod), ips=a.all_addresses
+                )
+                lp = LocalPod(pod=pod, ifname=a.host_ifname, ips=a.all_addresses)
+            cache[key] = (src, lp)
+            pods[(a.namespace, a.pod)] = lp.pod
+            local.append(lp)
+        self._local = cache
         inputs = PolicyInputs(
             local_pods=local,
             pods=list(pods.values()),
@@ -154,6 +172,7 @@ class NftPolicy:
             rejected=bad,
         )
         await self.service.run_kernel(self.engine.sync, inputs)
+        self._empty_applied = not good
 
 
 # ---- start-up re-sync ----------------------------------------------------------------------

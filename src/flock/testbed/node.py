@@ -51,11 +51,20 @@ def repo_venv_bin() -> Path:
 
 
 def install_plugin(bin_dir: Path, *, python: str = PYTHON) -> Path:
-    """Put an executable `flock` plugin in `bin_dir`, as the installer would.
+    """Put an executable `flock` plugin in `bin_dir`, the way the node installer does.
 
-    The plugin is a stdlib-only script; it is run by the system interpreter in
-    isolated mode without site (`-IS`), which is what keeps its start-up short.
+    Uses `flock install-cni --python` (the plugin module precompiled, run by the
+    system interpreter in isolated mode without site, `-IS`), so tests and the lab
+    exercise the installed layout. Falls back to a plain script copy if the
+    installer is not importable.
     """
+    try:
+        from flock.cni.install import install
+    except ImportError:
+        pass
+    else:
+        install(bin_dir=bin_dir, conf_dir=bin_dir.parent / "net.d", python=python)
+        return bin_dir / "flock"
     from flock.cni import plugin
 
     src = Path(plugin.__file__).read_text()

@@ -1,0 +1,352 @@
+"""CNI ADD/DEL latency and churn: flock vs the reference plugins ptp + host-local, in one run.
+
+Both plugins are executed exactly as a runtime executes them: a subprocess with
+the CNI_* environment and the network config on stdin, timed from exec to exit
+with the result read. Pod namespaces and (for flock) pod manifests are created
+before the clock starts, as the runtime and API server would have them.
+
+- flock: a node namespace with the real agent (`flock.testbed.node.TestNode`),
+  dual-stack NodeConfig, policy engine on (as deployed).
+- reference: `ptp` with `host-local` IPAM, dual-stack ranges, run from inside
+  its own node namespace by a worker process (`ip netns exec`), so that the
+  plugins program that namespace and the timing excludes `ip netns exec`.
+
+Figures: ADD and DEL p50/p99 over N sequential pods, ADD mean of the first vs
+the last 50 pods (flatness), sequential ADD rate, sustained churn (ADD+DEL
+pairs per second) sequentially and 16-way concurrent. Then, for flock, where
+the time goes: plugin start-up alone (VERSION, which the plugin answers without
+the agent), and the agent's share (the same ADD/DEL sent straight to the socket).
+
+Run as root:  .venv/bin/python bench/bench_cni.py [--pods 200] [--ref-pods 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from flock.agent import rpc
+from flock.testbed import netns
+from flock.testbed.node import Pod, TestNode
+
+PREFIX = "fab"
+REF_BIN = Path("/usr/lib/cni")
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+def ms(x: float) -> str:
+    return f"{x * 1000:.1f}"
+
+
+# ---- reference worker (runs inside the reference node namespace) ----------------------------
+
+
+def ref_config(data_dir: str) -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "refnet",
+        "type": "ptp",
+        "ipMasq": False,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.2.0.0/16"}], [{"subnet": "2001:db8:f002::/64"}]],
+            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+            "dataDir": data_dir,
+        },
+    }
+
+
+def ref_exec(command: str, cid: str, ns_path: str, config: dict[str, Any]) -> tuple[float, bool]:
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "CNI_COMMAND": command,
+        "CNI_CONTAINERID": cid,
+        "CNI_NETNS": ns_path,
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(REF_BIN),
+    }
+    t0 = time.perf_counter()
+    p = subprocess.run(
+        [str(REF_BIN / "ptp")], input=json.dumps(config).encode(), env=env, capture_output=True
+    )
+    return time.perf_counter() - t0, p.returncode == 0
+
+
+def reference_worker(pods: int, churn: int, churn16: int) -> dict[str, Any]:
+    data_dir = tempfile.mkdtemp(prefix=f"{PREFIX}ref-")
+    cfg = ref_config(data_dir)
+    made: list[str] = []
+
+    def new_ns() -> str:
+        name = netns.unique_name(PREFIX + "r", 8)
+        netns.create(name)
+        made.append(name)
+        return name
+
+    try:
+        nss = [new_ns() for _ in range(pods)]
+        cids = [uuid.uuid4().hex for _ in nss]
+        adds, dels = [], []
+        for cid, n in zip(cids, nss, strict=True):
+            dt, ok = ref_exec("ADD", cid, netns.path(n), cfg)
+            if not ok:
+                raise RuntimeError("reference ADD failed")
+            adds.append(dt)
+        for cid, n in zip(cids, nss, strict=True):
+            dt, ok = ref_exec("DEL", cid, netns.path(n), cfg)
+            dels.append(dt)
+
+        def cycle(n: str) -> None:
+            cid = uuid.uuid4().hex
+            ref_exec("ADD", cid, netns.path(n), cfg)
+            ref_exec("DEL", cid, netns.path(n), cfg)
+
+        seq_rate = churn_rate(cycle, nss[:1], churn, 1)
+        conc_rate = churn_rate(cycle, nss[:16], churn16, 16)
+        return {"add": adds, "del": dels, "churn_seq": seq_rate, "churn_16": conc_rate}
+    finally:
+        for n in made:
+            netns.delete(n)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def churn_rate(cycle: Callable[[str], None], nss: list[str], cycles: int, workers: int) -> float:
+    """ADD+DEL pairs per second, `workers` at a time, each on its own pod namespace."""
+    if cycles <= 0:
+        return float("nan")
+    per = max(1, cycles // workers)
+
+    def run(n: str) -> None:
+        for _ in range(per):
+            cycle(n)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as ex:
+        list(ex.map(run, nss[:workers]))
+    return per * workers / (time.perf_counter() - t0)
+
+
+def run_reference(pods: int, churn: int, churn16: int) -> dict[str, Any]:
+    node = netns.unique_name(PREFIX + "R", 6)
+    netns.create(node, forwarding=True)
+    try:
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                node,
+                sys.executable,
+                __file__,
+                "--reference-worker",
+                "--ref-pods",
+                str(pods),
+                "--ref-churn",
+                str(churn),
+                "--ref-churn16",
+                str(churn16),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        netns.delete(node)
+
+
+# ---- flock -----------------------------------------------------------------------------------
+
+
+def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dict[str, Any]:
+    node = TestNode.create(PREFIX)
+    try:
+        node.set_node_config({"cidr6": ["2001:db8:f001::/64"], "cidr4": ["10.1.0.0/16"]})
+        node.start_agent(*agent_args)
+        names = [f"b{i}" for i in range(pods)]
+        node.write(
+            "bench-pods.yaml",
+            *[
+                {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "metadata": {"name": n, "namespace": "bench", "uid": f"uid-{n}"},
+                    "spec": {"nodeName": node.name, "containers": [{"name": "c", "image": "i"}]},
+                    "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+                }
+                for n in names + [f"churn{i}" for i in range(16)]
+            ],
+        )
+        bench_pods = [
+            Pod("bench", n, f"uid-{n}", node.new_pod_netns(), uuid.uuid4().hex) for n in names
+        ]
+        for p in bench_pods:
+            node.pods[p.name] = p
+        adds, dels = [], []
+        for p in bench_pods:
+            r = node.cni_add(p)
+            if not r.ok:
+                raise RuntimeError(f"flock ADD failed: {r.stdout}")
+            adds.append(r.seconds)
+        for p in bench_pods:
+            r = node.cni_del(p)
+            if not r.ok:
+                raise RuntimeError(f"flock DEL failed: {r.stdout}")
+            dels.append(r.seconds)
+
+        churn_pods = [
+            Pod("bench", f"churn{i}", f"uid-churn{i}", node.new_pod_netns(), "") for i in range(16)
+        ]
+        for p in churn_pods:
+            node.pods[p.name] = p
+        by_ns = {p.netns_name: p for p in churn_pods}
+
+        def cycle(ns_name: str) -> None:
+            p = by_ns[ns_name]
+            p.container_id = uuid.uuid4().hex
+            if not node.cni_add(p).ok or not node.cni_del(p).ok:
+                raise RuntimeError("flock churn cycle failed")
+
+        seq_rate = churn_rate(cycle, [churn_pods[0].netns_name], churn, 1)
+        conc_rate = churn_rate(cycle, [p.netns_name for p in churn_pods], churn16, 16)
+
+        # Where the time goes: plugin start-up alone, and the agent alone.
+        version = [node.cni("VERSION", ifname="").seconds for _ in range(30)]
+        agent_add, agent_del = [], []
+        p = bench_pods[0]
+        for _ in range(30):
+            cid = uuid.uuid4().hex
+            msg = {
+                "command": "ADD",
+                "containerID": cid,
+                "netns": p.netns_path,
+                "ifname": "eth0",
+                "args": {"K8S_POD_NAMESPACE": "bench", "K8S_POD_NAME": p.name},
+                "config": node.network_config(),
+            }
+            t0 = time.perf_counter()
+            rep = rpc.call(node.socket, msg)
+            agent_add.append(time.perf_counter() - t0)
+            assert "result" in rep, rep
+            msg["command"] = "DEL"
+            t0 = time.perf_counter()
+            rpc.call(node.socket, msg)
+            agent_del.append(time.perf_counter() - t0)
+        return {
+            "add": adds,
+            "del": dels,
+            "churn_seq": seq_rate,
+            "churn_16": conc_rate,
+            "plugin_startup": version,
+            "agent_add": agent_add,
+            "agent_del": agent_del,
+        }
+    finally:
+        node.destroy()
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+
+def summary(r: dict[str, Any]) -> dict[str, float]:
+    add, dele = r["add"], r["del"]
+    return {
+        "add_p50": pct(add, 50),
+        "add_p99": pct(add, 99),
+        "del_p50": pct(dele, 50),
+        "del_p99": pct(dele, 99),
+        "first50": statistics.mean(add[:50]),
+        "last50": statistics.mean(add[-50:]),
+        "add_rate": len(add) / sum(add),
+        "churn_seq": r["churn_seq"],
+        "churn_16": r["churn_16"],
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pods", type=int, default=200)
+    ap.add_argument("--ref-pods", type=int, default=200)
+    ap.add_argument("--churn", type=int, default=200, help="flock ADD+DEL cycles (sequential)")
+    ap.add_argument("--churn16", type=int, default=400, help="flock cycles, 16-way")
+    ap.add_argument("--ref-churn", type=int, default=10)
+    ap.add_argument("--ref-churn16", type=int, default=32)
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--agent-arg", action="append", default=[], help="extra flock agent flag")
+    ap.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.reference_worker:
+        print(json.dumps(reference_worker(a.ref_pods, a.ref_churn, a.ref_churn16)))
+        return 0
+    if os.geteuid() != 0:
+        print("bench_cni: needs root (network namespaces)", file=sys.stderr)
+        return 1
+    print(f"flock: {a.pods} dual-stack pods ...", flush=True)
+    fl = run_flock(a.pods, a.churn, a.churn16, a.agent_arg)
+    ref = None
+    if not a.no_reference:
+        print(
+            f"ptp + host-local: {a.ref_pods} dual-stack pods (waits for IPv6 DAD) ...", flush=True
+        )
+        ref = run_reference(a.ref_pods, a.ref_churn, a.ref_churn16)
+    fs = summary(fl)
+    rs = summary(ref) if ref else None
+    rows = [
+        ("ADD p50 (ms)", "add_p50", ms, "<= 10"),
+        ("ADD p99 (ms)", "add_p99", ms, "<= 20"),
+        ("DEL p50 (ms)", "del_p50", ms, "<= 25"),
+        ("DEL p99 (ms)", "del_p99", ms, ""),
+        ("ADD mean, first 50 pods (ms)", "first50", ms, "flat"),
+        ("ADD mean, last 50 pods (ms)", "last50", ms, "flat"),
+        ("sequential ADD rate (/s)", "add_rate", lambda x: f"{x:.0f}", ">= 100"),
+        ("churn ADD+DEL/s, sequential", "churn_seq", lambda x: f"{x:.1f}", ""),
+        ("churn ADD+DEL/s, 16-way", "churn_16", lambda x: f"{x:.1f}", ""),
+    ]
+    print()
+    hdr = f"{'figure':<32}{'flock':>10}{'ptp+host-local':>16}{'ratio ref/flock':>17}  target"
+    print(hdr)
+    print("-" * len(hdr))
+    for label, key, fmt, target in rows:
+        f = fs[key]
+        r = rs[key] if rs else float("nan")
+        ratio = r / f if rs and f else float("nan")
+        if key in ("add_rate", "churn_seq", "churn_16") and rs:
+            ratio = r / f  # < 1: flock is faster
+        print(f"{label:<32}{fmt(f):>10}{fmt(r) if rs else '-':>16}{ratio:>17.2f}  {target}")
+    print()
+    print(f"pods: flock {a.pods}, reference {a.ref_pods}")
+    print("where flock's ADD time goes (p50):")
+    print(
+        f"  plugin exec + interpreter start-up (VERSION, no agent) {ms(pct(fl['plugin_startup'], 50))} ms"
+    )
+    print(
+        f"  agent alone, ADD over the socket                      {ms(pct(fl['agent_add'], 50))} ms"
+    )
+    print(
+        f"  agent alone, DEL over the socket                      {ms(pct(fl['agent_del'], 50))} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
