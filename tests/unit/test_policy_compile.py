@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from flock.compile.policy import (
     LocalPod,
     NftSet,
+    PolicyCompiler,
     PolicyInputs,
     Ruleset,
     compile_inputs,
@@ -765,3 +766,70 @@ def test_named_port_protocol_must_match() -> None:
     rs = compile_inputs(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, policies=[p]))
     assert rs.chains[rs.ingress["v"]] == ("ct state established,related accept", "drop")
     check_all([p])
+
+
+_pod_change = st.tuples(
+    st.integers(0, len(PODS) - 1),
+    st.one_of(st.none(), _labels),  # None: pod deleted, else relabelled
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(st.tuples(st.sampled_from(["a", "b"]), _spec), min_size=1, max_size=3),
+    steps=st.lists(
+        st.tuples(
+            st.lists(st.booleans(), min_size=3, max_size=3),  # which policies exist
+            st.lists(_pod_change, max_size=3),
+            st.booleans(),  # relabel namespace b
+        ),
+        min_size=2,
+        max_size=5,
+    ),
+)
+def test_reused_compiler_equals_fresh_compile(
+    specs: list[tuple[str, dict[str, Any]]],
+    steps: list[tuple[list[bool], list[tuple[int, Any]], bool]],
+) -> None:
+    """The incremental compiler, fed a sequence of states (pods relabelled, deleted
+    and added, policies toggled, a namespace relabelled), gives exactly what a fresh
+    compile of each state gives."""
+    compiler = PolicyCompiler()
+    policies = [pol(ns, f"p{i}", s) for i, (ns, s) in enumerate(specs)]
+    pods = list(PODS)
+    for present, pod_changes, relabel in steps:
+        for idx, labels in pod_changes:
+            if labels is None:
+                pods[idx] = mkpod(PODS[idx].namespace, f"new{idx}", 40 + idx, {"app": "web"})
+            else:
+                pods[idx] = replace(pods[idx], labels=labels)
+        nss = dict(NSS)
+        if relabel:
+            nss["b"] = Namespace.from_object({"metadata": {"name": "b", "labels": {"team": "red"}}})
+        inputs = PolicyInputs(
+            local_pods=[LocalPod(p, ifname(p), p.ips) for p in pods[::2]],
+            pods=pods,
+            namespaces=nss,
+            policies=[p for p, on in zip(policies, present, strict=False) if on],
+        )
+        assert compiler.compile(inputs) == compile_inputs(inputs)
+
+
+def test_reused_compiler_drops_named_ports_of_deleted_pods() -> None:
+    p = pol(
+        "a",
+        "p",
+        {
+            "podSelector": {"matchLabels": {"app": "cli"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"port": "http"}]}],
+        },
+    )
+    lps = [LocalPod(PODS[2], "v", PODS[2].ips)]
+    compiler = PolicyCompiler()
+    first = compiler.compile(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, policies=[p]))
+    assert "10.1.0.1 . 8080" in first.sets["np_http_tcp_4"].elements
+    rest = PolicyInputs(local_pods=lps, pods=PODS[1:], namespaces=NSS, policies=[p])
+    second = compiler.compile(rest)
+    assert "10.1.0.1 . 8080" not in second.sets["np_http_tcp_4"].elements
+    assert second == compile_inputs(rest)

@@ -28,9 +28,9 @@ from typing import Any, Protocol
 from flock.compile.policy import (
     FAMILY,
     TABLE,
+    PolicyCompiler,
     PolicyInputs,
     Ruleset,
-    compile_inputs,
     render_full,
     render_update,
 )
@@ -160,6 +160,7 @@ class PolicyEngine:
         self.nft = nft
         self._lock = threading.Lock()
         self._applied: Ruleset | None = None
+        self._compiler = PolicyCompiler()
         self._status = PolicyStatus()
 
     @property
@@ -175,8 +176,9 @@ class PolicyEngine:
             for key, msg in self._status.rejected_policies.items():
                 log.warning("NetworkPolicy %s rejected: %s", key, msg)
             try:
-                desired = compile_inputs(inputs)
+                desired = self._compiler.compile(inputs)
             except Exception as exc:
+                self._compiler = PolicyCompiler()  # its caches may be half-updated
                 self._status.last_error = f"compile: {exc}"
                 log.exception("policy compile failed; kernel keeps the previous ruleset")
                 raise

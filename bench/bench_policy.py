@@ -1,0 +1,401 @@
+"""NetworkPolicy at scale: sync times, forwarding cost, memory (SPEC §9).
+
+Figures:
+* full sync (compile + one atomic nft transaction) for 10,000 pods and 1,000
+  policies, for a node holding 110 pods (Kubernetes' default max) and, as a stress
+  case, 1,000 pods;
+* incremental update (compile + diff + transaction) when one remote pod is added,
+  one local pod is added, one policy changes, one pod is deleted;
+* nft via `nft -f -` (fork/exec) vs libnftables in-process;
+* iperf3 TCP throughput between two pod namespaces through a node namespace with
+  a 200-policy ruleset (both pods isolated both ways) vs no table at all;
+* RSS of this process holding the 10k/1k state and its compiled ruleset.
+
+Run as root: `.venv/bin/python bench/bench_policy.py` (namespaces prefixed `fnb`,
+removed at exit). The script re-executes itself inside a node namespace for the
+nft measurements so libnftables talks to that namespace, never the host's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import ipaddress
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flock.apply.nft import Nft, NftCli, NftLib, PolicyEngine, delete_table
+from flock.compile.policy import LocalPod, PolicyInputs, compile_inputs, render_full
+from flock.model.pod import ContainerPort, Namespace, Pod
+from flock.model.policy import NetworkPolicy
+from flock.testbed import netns
+
+N_NS = 50
+APPS = [f"app{i}" for i in range(20)]
+TEAMS = ["red", "blue", "green", "gold"]
+
+
+def rss_mb() -> float:
+    text = Path("/proc/self/status").read_text()
+    m = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def make_pods(n: int, rnd: random.Random) -> list[Pod]:
+    pods = []
+    for i in range(n):
+        ns = f"ns{i % N_NS}"
+        app = APPS[(i // N_NS) % len(APPS)]
+        hi, lo = divmod(i + 1, 250)
+        pods.append(
+            Pod(
+                namespace=ns,
+                name=f"pod{i}",
+                labels={"app": app, "tier": rnd.choice(["front", "back", "data"]), "idx": str(i)},
+                container_ports=(
+                    ContainerPort(8000 + APPS.index(app), "TCP", "http"),
+                    ContainerPort(9100, "TCP", "metrics"),
+                ),
+                ips=(
+                    ipaddress.IPv6Address(f"fd10::{hi:x}:{lo:x}"),
+                    ipaddress.IPv4Address(f"10.{100 + hi // 250}.{hi % 250}.{lo + 1}"),
+                ),
+            )
+        )
+    return pods
+
+
+def make_namespaces() -> dict[str, Namespace]:
+    return {
+        f"ns{i}": Namespace.from_object(
+            {"metadata": {"name": f"ns{i}", "labels": {"team": TEAMS[i % len(TEAMS)]}}}
+        )
+        for i in range(N_NS)
+    }
+
+
+def make_policy(i: int, rnd: random.Random) -> NetworkPolicy:
+    ns = f"ns{i % N_NS}"
+    app = APPS[(i // N_NS) % len(APPS)]
+    other = rnd.choice(APPS)
+    kind = i % 5
+    ingress: list[dict[str, Any]]
+    if kind == 0:
+        ingress = [{"from": [{"podSelector": {"matchLabels": {"app": other}}}],
+                    "ports": [{"port": "http"}]}]  # fmt: skip
+    elif kind == 1:
+        team = {"matchLabels": {"team": rnd.choice(TEAMS)}}
+        ports = [{"port": 8000 + i % 20}, {"port": 9100, "protocol": "TCP"}]
+        ingress = [{"from": [{"namespaceSelector": team}], "ports": ports}]
+    elif kind == 2:
+        team = {"matchLabels": {"team": rnd.choice(TEAMS)}}
+        tier = {"key": "tier", "operator": "In", "values": ["front", "back"]}
+        ingress = [{"from": [{"namespaceSelector": team,
+                              "podSelector": {"matchExpressions": [tier]}}]}]  # fmt: skip
+    elif kind == 3:
+        ex4, ex6 = f"10.{100 + i % 50}.0.0/16", f"fd10::{i:x}:0/112"
+        ingress = [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": [ex4]}},
+                             {"ipBlock": {"cidr": "fd00::/8", "except": [ex6]}}],
+                    "ports": [{"port": 30000, "endPort": 30100, "protocol": "UDP"}]}]  # fmt: skip
+    else:
+        ingress = []
+    spec: dict[str, Any] = {"podSelector": {"matchLabels": {"app": app}}, "ingress": ingress}
+    if i % 4 == 0:
+        spec["policyTypes"] = ["Ingress", "Egress"]
+        spec["egress"] = [
+            {"to": [{"namespaceSelector": {}}], "ports": [{"port": "http"}]},
+            {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}],
+             "ports": [{"port": 53, "protocol": "UDP"}]},
+        ]  # fmt: skip
+    return NetworkPolicy.from_object(
+        {"metadata": {"namespace": ns, "name": f"pol{i}"}, "spec": spec}
+    )
+
+
+def state(n_pods: int, n_pol: int, n_local: int, seed: int = 1) -> PolicyInputs:
+    rnd = random.Random(seed)
+    pods = make_pods(n_pods, rnd)
+    step = max(1, n_pods // n_local)
+    local = [LocalPod(p, f"flk{i:011x}", p.ips) for i, p in enumerate(pods[::step][:n_local])]
+    return PolicyInputs(
+        local_pods=local,
+        pods=pods,
+        namespaces=make_namespaces(),
+        policies=[make_policy(i, rnd) for i in range(n_pol)],
+    )
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def changes(base: PolicyInputs) -> list[tuple[str, PolicyInputs]]:
+    """One-object changes from `base`, each with its successor state."""
+    rnd = random.Random(7)
+    n = len(base.pods)
+    newpod = make_pods(n + 1, rnd)[-1]
+    local_new = replace(newpod, name="newlocal")
+    target = base.local_pods[0].pod
+    k = next(i for i, p in enumerate(base.policies) if p.selects(target))
+    pol0 = base.policies[k]
+    changed = NetworkPolicy.from_object(
+        {"metadata": {"namespace": pol0.namespace, "name": pol0.name},
+         "spec": {"podSelector": {"matchLabels": {"app": APPS[1]}},
+                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "front"}}}]}]}}
+    )  # fmt: skip
+    return [
+        ("add remote pod", replace(base, pods=[*base.pods, newpod])),
+        (
+            "add local pod",
+            replace(
+                base,
+                pods=[*base.pods, local_new],
+                local_pods=[*base.local_pods, LocalPod(local_new, "flknewlocal0", local_new.ips)],
+            ),
+        ),
+        (
+            "change one policy",
+            replace(base, policies=[*base.policies[:k], changed, *base.policies[k + 1 :]]),
+        ),
+        ("delete one pod", replace(base, pods=[base.pods[0], *base.pods[2:]])),
+    ]
+
+
+def bench_sync(n_local: int, nft_kind: str, repeat: int) -> dict[str, Any]:
+    """Runs inside a node namespace (see main)."""
+    gc.collect()
+    rss0 = rss_mb()
+    base = state(10_000, 1_000, n_local)
+    nft: Nft = NftLib() if nft_kind == "lib" else NftCli()
+    delete_table(nft)
+    out: dict[str, Any] = {"local_pods": n_local, "nft": nft_kind}
+    rs = compile_inputs(base)
+    out["compile_s"] = statistics.median(timed(lambda: compile_inputs(base)) for _ in range(repeat))
+    script = render_full(rs)
+    out["script_kb"] = len(script) // 1024
+    out["counts"] = rs.summary()
+    fulls = []
+    for _ in range(repeat):
+        eng = PolicyEngine(nft)
+        fulls.append(timed(lambda e=eng: e.sync(base)))  # type: ignore[misc]
+    out["full_sync_s"] = statistics.median(fulls)
+    eng = PolicyEngine(nft)
+    eng.sync(base)
+    inc: dict[str, float] = {}
+    for name, nxt in changes(base):
+        ts = []
+        for _ in range(repeat):
+            ts.append(timed(lambda n=nxt: eng.sync(n)))  # type: ignore[misc]
+            eng.sync(base)
+        inc[name] = statistics.median(ts)
+    out["incremental_s"] = inc
+    out["status"] = eng.status()
+    out["full_fallbacks"] = eng.status()["full_syncs"]
+    out["rss_mb"] = rss_mb()
+    out["rss_delta_mb"] = out["rss_mb"] - rss0
+    delete_table(nft)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# iperf3 through a node with 200 policies
+
+
+def bench_iperf(seconds: int, runs: int) -> dict[str, Any]:
+    from flock.apply.datapath import Datapath, PodNetSpec
+
+    made: list[str] = []
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def mk(tag: str) -> str:
+        name = netns.unique_name(f"fnb{tag}", 8)
+        netns.create(name)
+        made.append(name)
+        return name
+
+    try:
+        node = mk("N")
+        srv, cli = mk("s"), mk("c")
+        dp = Datapath(host_netns=netns.path(node))
+        pods = []
+        for i, (ns_name, ip4, ip6) in enumerate(
+            [(srv, "10.77.0.1", "fd77::1"), (cli, "10.77.0.2", "fd77::2")]
+        ):
+            res = dp.setup_pod(
+                PodNetSpec(
+                    container_id=f"fnbench{i}",
+                    netns=netns.path(ns_name),
+                    v4=ipaddress.IPv4Address(ip4),
+                    v6=ipaddress.IPv6Address(ip6),
+                )
+            )
+            pod = Pod(
+                namespace="bench",
+                name=f"p{i}",
+                labels={"app": "iperf", "role": "server" if i == 0 else "client"},
+                container_ports=(ContainerPort(5201, "TCP", "iperf"),),
+                ips=(ipaddress.IPv6Address(ip6), ipaddress.IPv4Address(ip4)),
+            )
+            pods.append(LocalPod(pod, res.host_ifname, pod.ips))
+        dp.close()
+        rnd = random.Random(3)
+        remote = make_pods(2000, rnd)
+        policies = []
+        for i in range(199):  # 199 that match other ports / peers, both directions
+            policies.append(
+                NetworkPolicy.from_object(
+                    {"metadata": {"namespace": "bench", "name": f"p{i}"},
+                     "spec": {"podSelector": {"matchLabels": {"app": "iperf"}},
+                              "policyTypes": ["Ingress", "Egress"],
+                              "ingress": [{"from": [{"namespaceSelector": {
+                                              "matchLabels": {"team": TEAMS[i % 4]}}}],
+                                           "ports": [{"port": 10000 + i}]}],
+                              "egress": [{"to": [{"ipBlock": {"cidr": f"10.{i}.0.0/16"}}],
+                                          "ports": [{"port": 20000 + i}]}]}}
+                )
+            )  # fmt: skip
+        policies.append(
+            NetworkPolicy.from_object(
+                {"metadata": {"namespace": "bench", "name": "allow-iperf"},
+                 "spec": {"podSelector": {"matchLabels": {"app": "iperf"}},
+                          "policyTypes": ["Ingress", "Egress"],
+                          "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "iperf"}}}],
+                                       "ports": [{"port": "iperf"}]}],
+                          "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "iperf"}}}],
+                                      "ports": [{"port": "iperf"}]}]}}
+            )
+        )  # fmt: skip
+        inputs = PolicyInputs(
+            local_pods=pods,
+            pods=[lp.pod for lp in pods] + remote,
+            namespaces={**make_namespaces(), "bench": Namespace(name="bench")},
+            policies=policies,
+        )
+        engine = PolicyEngine(NftCli(netns=node))
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", srv, "iperf3", "-s", "-B", "10.77.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(server)
+        time.sleep(0.5)
+
+        def run_iperf() -> float:
+            out = subprocess.run(
+                ["ip", "netns", "exec", cli, "iperf3", "-c", "10.77.0.1", "-t", str(seconds), "-J"],
+                capture_output=True,
+                text=True,
+                timeout=seconds + 30,
+                check=True,
+            )
+            return float(json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+        results: dict[str, list[float]] = {"none": [], "200 policies": []}
+        rules = 0
+        for _ in range(runs):  # alternate to spread the noise of a shared machine
+            engine.remove()
+            results["none"].append(run_iperf())
+            engine.sync(inputs)
+            rules = engine.status()["rules"]
+            results["200 policies"].append(run_iperf())
+        engine.remove()
+        med = {k: statistics.median(v) for k, v in results.items()}
+        return {
+            "gbps": med,
+            "runs": results,
+            "ratio": med["200 policies"] / med["none"],
+            "rules_on_node": rules,
+        }
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(timeout=5)
+        for name in reversed(made):
+            netns.delete(name)
+
+
+# ---------------------------------------------------------------------------
+
+
+def in_netns(args: Sequence[str]) -> dict[str, Any]:
+    """Run this script's `--inner` mode inside a fresh namespace; return its JSON."""
+    name = netns.unique_name("fnbN", 8)
+    netns.create(name)
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, __file__, "--inner", *args],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr)
+        return dict(json.loads(out.stdout))
+    finally:
+        netns.delete(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--inner", nargs=3, metavar=("LOCAL", "NFT", "REPEAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--iperf-seconds", type=int, default=3)
+    ap.add_argument("--iperf-runs", type=int, default=3)
+    ap.add_argument("--skip-iperf", action="store_true")
+    args = ap.parse_args()
+    if args.inner:
+        local, kind, rep = args.inner
+        print(json.dumps(bench_sync(int(local), kind, int(rep))))
+        return
+    if os.geteuid() != 0:
+        sys.exit("bench_policy: needs root (creates network namespaces)")
+    rows = []
+    for local in (110, 1000):
+        for kind in ("cli", "lib"):
+            rows.append(in_netns([str(local), kind, str(args.repeat)]))
+    print("NetworkPolicy sync, 10,000 pods x 1,000 policies (median of", args.repeat, "runs)")
+    hdr = (
+        f"{'local':>5} {'nft':>4} {'sets':>5} {'elems':>6} {'rules':>6} {'compile':>8} "
+        f"{'full':>8} {'+remote':>8} {'+local':>8} {'policy':>8} {'-pod':>8} {'RSS':>7}"
+    )
+    print(hdr)
+    for r in rows:
+        c, inc = r["counts"], r["incremental_s"]
+        print(
+            f"{r['local_pods']:>5} {r['nft']:>4} {c['sets']:>5} {c['set_elements']:>6} "
+            f"{c['rules']:>6} {r['compile_s'] * 1e3:>6.1f}ms {r['full_sync_s'] * 1e3:>6.1f}ms "
+            f"{inc['add remote pod'] * 1e3:>6.1f}ms {inc['add local pod'] * 1e3:>6.1f}ms "
+            f"{inc['change one policy'] * 1e3:>6.1f}ms {inc['delete one pod'] * 1e3:>6.1f}ms "
+            f"{r['rss_mb']:>5.0f}MB"
+        )
+    print("(RSS: the whole process holding the 10k-pod/1k-policy state and its ruleset;")
+    print(
+        " nft 'lib' keeps libnftables' ruleset cache in-process, 'cli' forks nft per transaction)"
+    )
+    print("targets: full < 1000 ms, incremental < 50 ms, RSS < 150 MB")
+    if not args.skip_iperf:
+        ip = bench_iperf(args.iperf_seconds, args.iperf_runs)
+        print(
+            f"\niperf3 TCP pod->node->pod, {args.iperf_seconds}s x {args.iperf_runs}: "
+            f"no table {ip['gbps']['none']:.2f} Gbit/s, 200 policies "
+            f"({ip['rules_on_node']} rules on the node) {ip['gbps']['200 policies']:.2f} Gbit/s "
+            f"= {ip['ratio'] * 100:.0f}% (target >= 90%)"
+        )
+        print("  runs:", {k: [round(x, 2) for x in v] for k, v in ip["runs"].items()})
+
+
+if __name__ == "__main__":
+    main()
