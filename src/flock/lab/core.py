@@ -35,11 +35,14 @@ from flock.lab.state import LabExistsError, LabNotFoundError, LabState, PodRecor
 from flock.lab.topology import PodSpec, Topology, TopologyError, default_topology, load, validate
 from flock.lab.view import CheckResult, LabStatus, NodeView, PodView, RouteView
 from flock.testbed import netns
+from flock.testbed.bird import BirdDaemon
+from flock.testbed.frr import FrrRouter, router_config
+from flock.testbed.node import TestNode
 
 Progress = Callable[[str], None]
 
 LAN_BRIDGE = "lan"
-NODE_UPLINK = "eth0"
+FRR_DAEMONS = ("zebra", "bgpd")
 SESSION_TIMEOUT = 60.0
 ROUTE_TIMEOUT = 30.0
 
@@ -126,8 +129,38 @@ class Lab:
             known = ", ".join(p.name for p in self.topo.pods) or "none"
             raise LabError(f"no pod {ref!r} in lab {self.name} (pods: {known})") from None
 
+    @property
+    def frr(self) -> FrrRouter:
+        """A handle on the router's FRR (queries work from any process; PIDs are in state)."""
+        return FrrRouter(netns=self.router_ns, workdir=self.router_dir, daemons=FRR_DAEMONS)
+
+    def node(self, node: str) -> TestNode:
+        """A handle on a node built by `up` (agent PID is in state, not in the handle)."""
+        base = self.node_dir(node)
+        return TestNode(
+            name=node_netns(self.name, node),
+            prefix=lab_state.netns_prefix(self.name),
+            base_dir=base,
+            plugin=base / "bin" / "flock",
+        )
+
     def vtysh(self, command: str) -> Any:
-        return frr_query(self, command)
+        """FRR's JSON answer to a `show ...` command (bgpd for BGP, zebra for routes)."""
+        daemon = "bgpd" if " bgp " in f" {command} " else "zebra"
+        try:
+            return self.frr.vtysh_json(command, daemon=daemon)
+        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as e:
+            raise LabError(f"FRR in {self.router_ns} did not answer {command!r}: {e}") from None
+
+    def selected_routes(self) -> dict[str, set[str]]:
+        """Prefix -> peers (node LAN addresses) whose path bgpd selected (best or multipath)."""
+        out: dict[str, set[str]] = {}
+        try:
+            for version in (6, 4):
+                out.update(self.frr.bgp_routes(version))
+        except (RuntimeError, subprocess.SubprocessError, OSError, ValueError) as e:
+            raise LabError(f"FRR in {self.router_ns} did not answer: {e}") from None
+        return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,6 +203,8 @@ def up(topo: Topology, *, progress: Progress = _quiet) -> str:
         progress(f"up failed ({type(e).__name__}: {e}); removing what was created")
         _log_tails(lab, progress)
         down(topo.name, progress=progress)
+        if isinstance(e, Exception) and not isinstance(e, LabError):
+            raise LabError(f"lab {topo.name} did not come up: {e}") from e
         raise
     st.phase = "up"
     st.save()
@@ -204,8 +239,11 @@ def _build(lab: Lab, progress: Progress) -> None:
 
 def _make_router(lab: Lab) -> None:
     ns = lab.router_ns
-    netns.create(ns, forwarding=True)
     lab.state.add_netns(ns, role="router")
+    netns.create(ns, forwarding=True)
+    # No DAD on the LAN: addresses (link-local too) are usable at once.
+    netns.sysctl(ns, "net.ipv6.conf.all.accept_dad", "0")
+    netns.sysctl(ns, "net.ipv6.conf.default.accept_dad", "0")
     # Hash flows on ports too, so different flows to an anycast IP spread over replicas.
     netns.sysctl(ns, "net.ipv4.fib_multipath_hash_policy", "1")
     netns.sysctl(ns, "net.ipv6.fib_multipath_hash_policy", "1")
@@ -216,20 +254,26 @@ def _make_router(lab: Lab) -> None:
 
 
 def _make_node(lab: Lab, node: str) -> None:
+    """The node namespace with its uplink into the router's LAN bridge (flock.testbed.node)."""
     n = lab.topo.node(node)
+    r = lab.topo.router
     ns = node_netns(lab.name, node)
-    netns.create(ns, forwarding=True)
     lab.state.add_netns(ns, role=f"node {node}")
-    # The router end of the node's uplink is a bridge port named after the node.
-    netns.veth(ns, NODE_UPLINK, lab.router_ns, node)
+    v6, v4 = n.uplink_address(6), n.uplink_address(4)
+    gw6, gw4 = r.address(6), r.address(4)
+    TestNode.create(
+        lab_state.netns_prefix(lab.name),
+        name=ns,
+        base_dir=lab.node_dir(node),
+        v6=str(v6) if v6 else None,
+        v4=str(v4) if v4 else None,
+        # The router end of the uplink is a bridge port named after the node.
+        uplink_peer=lab.router_ns,
+        uplink_peer_ifname=node,
+        gateway6=str(gw6.ip) if gw6 and v6 else None,
+        gateway4=str(gw4.ip) if gw4 and v4 else None,
+    )
     netns.run(["ip", "link", "set", node, "master", LAN_BRIDGE], netns=lab.router_ns)
-    for a in n.uplink:
-        netns.add_address(ns, NODE_UPLINK, str(a))
-        gw = lab.topo.router.address(a.version)
-        if gw is not None:
-            fam = "-6" if a.version == 6 else "-4"
-            netns.run(["ip", fam, "route", "add", "default", "via", str(gw.ip)], netns=ns)
-    lab.node_dir(node).mkdir(parents=True, exist_ok=True)
 
 
 def _summary(lab: Lab, seconds: float) -> str:
@@ -277,19 +321,72 @@ def _log_tails(lab: Lab, progress: Progress) -> None:
 
 
 def _start_frr(lab: Lab) -> None:
-    raise NotImplementedError("waiting for flock.testbed.frr")
+    topo = lab.topo
+    frr = lab.frr
+    config = router_config(
+        asn=topo.router.asn,
+        router_id=ipaddress.IPv4Address(lab_router.router_id(topo)),
+        neighbors=lab_router.neighbors(topo),
+        hostname=topo.router.name,
+    )
+    try:
+        frr.start(config)
+    finally:
+        for daemon, proc in frr.procs.items():
+            if proc.poll() is None:
+                lab.state.add_process(proc.pid, role=f"frr-{daemon}")
 
 
-def frr_query(lab: Lab, command: str) -> Any:
-    raise NotImplementedError("waiting for flock.testbed.frr")
+def _node_router_id(lab: Lab, node: str) -> str:
+    v4 = lab.topo.node(node).uplink_address(4)
+    if v4 is not None:
+        return str(v4.ip)
+    index = [n.name for n in lab.topo.nodes].index(node)
+    return f"10.255.{index // 250}.{index % 250 + 1}"
 
 
 def _start_agent(lab: Lab, node: str) -> None:
-    raise NotImplementedError("waiting for flock.testbed.node")
+    """BIRD first (the agent drives it over its control socket), then the agent."""
+    ns = node_netns(lab.name, node)
+    bird = BirdDaemon(netns=ns, workdir=lab.node_dir(node) / "bird")
+    bird.start()
+    if bird.pid is not None:
+        lab.state.add_process(bird.pid, role=f"bird {node}")
+    handle = lab.node(node)
+    try:
+        handle.start_agent(
+            # Later flags win: the node's Kubernetes name, and the lab's shared manifests.
+            "--node-name", node,
+            "--manifests", str(lab.manifests_dir),
+            "--bird-socket", str(bird.socket_path),
+            "--bird-config", str(bird.config_path),
+            "--router-id", _node_router_id(lab, node),
+        )  # fmt: skip
+    finally:
+        if handle.agent is not None and handle.agent.poll() is None:
+            lab.state.add_process(handle.agent.pid, role=f"agent {node}")
 
 
 def _cni(lab: Lab, rec: PodRecord, command: str) -> dict[str, Any]:
-    raise NotImplementedError("waiting for flock.testbed.node")
+    """Run the real plugin for `rec` exactly as a runtime would; its result object."""
+    res = lab.node(rec.node).cni(
+        command,
+        container_id=rec.container_id,
+        netns_path=netns.path(rec.netns),
+        ifname=rec.ifname,
+        pod_namespace=rec.namespace,
+        pod_name=rec.name,
+        pod_uid=_uid(rec),
+    )
+    if not res.ok:
+        detail = res.stdout.strip() or res.stderr.strip()
+        with contextlib.suppress(ValueError):
+            err = res.json
+            detail = str(err.get("msg", detail)) + (
+                f" ({err['details']})" if err.get("details") else ""
+            )
+        raise LabError(f"CNI {command} for pod {rec.namespace}/{rec.name} failed: {detail}")
+    return res.json
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,9 +543,7 @@ def _status(lab: Lab) -> LabStatus:
     routes: list[RouteView] = []
     try:
         sessions = lab_router.parse_summary(topo, lab.vtysh("show bgp summary json"))
-        for cmd in ("show ipv6 route bgp json", "show ip route bgp json"):
-            routes += lab_router.parse_routes(topo, lab.vtysh(cmd))
-        routes.sort(key=lab_router._route_order)
+        routes = lab_router.parse_routes(topo, lab.selected_routes())
     except (LabError, subprocess.SubprocessError, ValueError, OSError) as e:
         problems.append(f"cannot query FRR: {e}")
     nodes = []
@@ -530,12 +625,12 @@ def _wait_sessions(lab: Lab) -> None:
 
 
 def learned(lab: Lab) -> dict[str, set[str]]:
-    """Prefix -> node names the router forwards it to (its FIB next hops)."""
-    out: dict[str, set[str]] = {}
-    for cmd in ("show ipv6 route bgp json", "show ip route bgp json"):
-        for r in lab_router.parse_routes(lab.topo, lab.vtysh(cmd)):
-            out[r.prefix] = {n for _, n in r.nexthops if n}
-    return out
+    """Prefix -> nodes whose path the router selected (best or ECMP multipath)."""
+    by_addr = lab_router.node_by_address(lab.topo)
+    return {
+        prefix: {by_addr.get(peer, peer) for peer in peers}
+        for prefix, peers in lab.selected_routes().items()
+    }
 
 
 def expected_routes(topo: Topology) -> dict[str, set[str]]:

@@ -1,10 +1,9 @@
 """The lab's upstream router: its FRR config, and reading FRR's JSON back into lab terms.
 
-Pure functions only. The config makes FRR behave like the operator's router
-in SPEC §8: one eBGP session per node and family, no policy required (the lab
-trusts its nodes), and ECMP across anycast replicas. Replicas sit on nodes
-with different ASNs, so their AS paths differ; `as-path multipath-relax` is
-what lets FRR install them as one multipath route.
+Pure functions only. The router is FRR
+(`flock.testbed.frr`): one eBGP session per node and family, and ECMP across
+anycast replicas. This module maps FRR's answers (peer addresses) back to the
+lab's node names and tells node prefixes, anycast and `addresses` routes apart.
 """
 
 from __future__ import annotations
@@ -15,8 +14,17 @@ from typing import Any
 
 from flock.lab.topology import Topology
 from flock.lab.view import RouteView, SessionView
+from flock.testbed.frr import Neighbor
 
-MAXIMUM_PATHS = 16
+
+def neighbors(topo: Topology) -> list[Neighbor]:
+    """One FRR neighbour per node and family the router speaks."""
+    return [
+        Neighbor(address=a.ip, asn=n.asn)
+        for n in topo.nodes
+        for a in n.uplink
+        if topo.router.address(a.version) is not None
+    ]
 
 
 def router_id(topo: Topology) -> str:
@@ -24,43 +32,6 @@ def router_id(topo: Topology) -> str:
         return str(topo.router.router_id)
     v4 = topo.router.address(4)
     return str(v4.ip) if v4 is not None else "10.255.0.1"
-
-
-def frr_config(topo: Topology, *, log_file: str | None = None) -> str:
-    """The whole frr.conf for the lab router (bgpd + zebra read the same file)."""
-    r = topo.router
-    lines = [
-        "frr defaults datacenter",
-        f"hostname {r.name}",
-    ]
-    if log_file:
-        lines.append(f"log file {log_file}")
-    lines += ["!", f"router bgp {r.asn}", f" bgp router-id {router_id(topo)}"]
-    lines += [
-        " no bgp ebgp-requires-policy",
-        " no bgp default ipv4-unicast",
-        " no bgp network import-check",
-        " bgp bestpath as-path multipath-relax",
-    ]
-    per_family: dict[int, list[str]] = {6: [], 4: []}
-    for n in topo.nodes:
-        for a in n.uplink:
-            if r.address(a.version) is None:
-                continue
-            lines.append(f" neighbor {a.ip} remote-as {n.asn}")
-            lines.append(f" neighbor {a.ip} description {n.name}")
-            lines.append(f" neighbor {a.ip} timers connect 1")
-            per_family[a.version].append(str(a.ip))
-    for version, afi in ((6, "ipv6"), (4, "ipv4")):
-        if not per_family[version]:
-            continue
-        lines.append(f" address-family {afi} unicast")
-        lines.append(f"  maximum-paths {MAXIMUM_PATHS}")
-        for ip in per_family[version]:
-            lines.append(f"  neighbor {ip} activate")
-        lines.append(" exit-address-family")
-    lines += ["exit", "!", ""]
-    return "\n".join(lines)
 
 
 def node_by_address(topo: Topology) -> dict[str, str]:
@@ -124,30 +95,26 @@ def _claim_kind(topo: Topology, net: ipaddress.IPv4Network | ipaddress.IPv6Netwo
     return "claimed"
 
 
-def parse_routes(topo: Topology, table: Mapping[str, Any]) -> list[RouteView]:
-    """`show ip[v6] route bgp json` -> prefix with its installed (FIB) next hops.
+def parse_routes(topo: Topology, selected: Mapping[str, set[str]]) -> list[RouteView]:
+    """bgpd's selected paths (prefix -> peers whose path is best or multipath) -> RouteViews.
 
-    Uses the route the kernel has (`installed`/`fib` next hops), which is what
-    forwarding does, not merely what BGP knows.
+    Next hops are named by the session they came from (the node's LAN address),
+    which identifies the node even where the kernel's IPv6 next hop is the
+    node's link-local address.
     """
     by_addr = node_by_address(topo)
-    out = []
-    for prefix, entries in table.items():
-        hops: list[tuple[str, str]] = []
-        for entry in entries:
-            if entry.get("protocol") != "bgp" or not entry.get("selected"):
-                continue
-            for nh in entry.get("nexthops") or []:
-                if not nh.get("active", True):
-                    continue
-                addr = str(nh.get("ip", ""))
-                if addr and (addr, by_addr.get(addr, "")) not in hops:
-                    hops.append((addr, by_addr.get(addr, "")))
-        out.append(RouteView(prefix=prefix, nexthops=sorted(hops), kind=classify(topo, prefix)))
-    return sorted(out, key=_route_order)
+    out = [
+        RouteView(
+            prefix=prefix,
+            nexthops=sorted((peer, by_addr.get(peer, "")) for peer in peers),
+            kind=classify(topo, prefix),
+        )
+        for prefix, peers in selected.items()
+    ]
+    return sorted(out, key=route_order)
 
 
-def _route_order(r: RouteView) -> tuple[int, int, int]:
+def route_order(r: RouteView) -> tuple[int, int, int]:
     kinds = {"node prefix": 0, "anycast": 1, "addresses": 2}
     net = ipaddress.ip_network(r.prefix, strict=False)
     return (kinds.get(r.kind, 3), -net.version, int(net.network_address))

@@ -90,7 +90,8 @@ class LabState:
         RUN_ROOT.mkdir(parents=True, exist_ok=True)
         d = run_dir(name)
         try:
-            d.mkdir(mode=0o700)
+            # Traversable: FRR drops to the `frr` user and needs its own subdirectory.
+            d.mkdir(mode=0o755)
         except FileExistsError:
             raise LabExistsError(
                 f"lab {name!r} is already up (or left over from a crash): its run directory "

@@ -1,0 +1,201 @@
+"""The lab end to end, as root: up, the built-in checks, readiness at the router, down.
+
+Uses a small topology (router + two nodes, a two-replica anycast pair, one
+plain pod per node) under a lab name of its own (`fltest...`), so it never
+touches a user's default lab. Every lab is brought down in a finaliser, also
+when a test fails, and the last tests assert that `down` leaves no namespace,
+process or directory behind, including after a simulated crash.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from flock.lab import cli, core, state
+from flock.lab.topology import Topology, parse
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+ANYCAST6 = "fd00:f10c:a::53"
+ANYCAST4 = "198.18.100.53"
+
+
+def _topology(name: str) -> Topology:
+    allowed = [
+        {"cidr": "fd00:f10c:a::/64", "use": ["anycast"]},
+        {"cidr": "198.18.100.0/24", "use": ["anycast"]},
+    ]
+    data: dict[str, Any] = {
+        "name": name,
+        "router": {"asn": 65000, "addresses": ["fd00:f10c::1/64", "198.18.0.1/24"]},
+        "nodes": [
+            {
+                "name": f"n{i}",
+                "asn": 65100 + i,
+                "uplink": [f"fd00:f10c::1{i}/64", f"198.18.0.1{i}/24"],
+                "cidr6": [f"fd00:f10c:{i}::/64"],
+                "cidr4": [f"198.18.{i}.0/24"],
+                "allowedAddresses": allowed,
+            }
+            for i in (1, 2)
+        ],
+        "pods": [
+            *(
+                {
+                    "name": f"dns-{i}",
+                    "node": f"n{i}",
+                    "labels": {"app": "dns"},
+                    "annotations": {"anycast": f"{ANYCAST6}, {ANYCAST4}"},
+                }
+                for i in (1, 2)
+            ),
+            *({"name": f"web-{i}", "node": f"n{i}"} for i in (1, 2)),
+        ],
+    }
+    return parse(data)
+
+
+def _name() -> str:
+    return "fltest" + secrets.token_hex(2)
+
+
+def _nothing_left(name: str, pids: list[tuple[int, int]]) -> None:
+    assert state.lab_netns(name) == []
+    assert not state.run_dir(name).exists()
+    alive = [pid for pid, st in pids if state.alive(pid, st)]
+    assert alive == [], f"processes of lab {name} still running: {alive}"
+
+
+def _next_hops(name: str, prefix: str) -> set[str]:
+    lab = core.Lab.open(name)
+    return core.learned(lab).get(prefix, set())
+
+
+def _wait_next_hops(name: str, prefix: str, want: set[str], timeout: float = 20.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if _next_hops(name, prefix) == want:
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    raise AssertionError(f"{prefix}: router next hops {_next_hops(name, prefix)}, want {want}")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[str]:
+    name = _name()
+    try:
+        core.up(_topology(name))
+        yield name
+    finally:
+        core.down(name)
+
+
+def test_up_twice_is_a_clear_error(lab: str) -> None:
+    with pytest.raises(core.LabError, match="already up"):
+        core.up(_topology(lab))
+    assert cli.main(["up", "--name", lab]) == 1
+
+
+def test_lab_test_passes(lab: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["test", "--name", lab])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "FAIL" not in out
+    for check in ("BGP sessions Established", "IPv6: router reaches every pod", "ECMP at router"):
+        assert check in out
+
+
+def test_status_shows_ecmp_and_pods(lab: str, capsys: pytest.CaptureFixture[str]) -> None:
+    st = core.status(lab)
+    assert {s.state for s in st.sessions} == {"Established"}
+    assert len(st.sessions) == 4
+    anycast = {r.prefix: {n for _, n in r.nexthops} for r in st.anycast_routes()}
+    assert anycast == {f"{ANYCAST6}/128": {"n1", "n2"}, f"{ANYCAST4}/32": {"n1", "n2"}}
+    assert all(p.addresses for p in st.pods)
+    assert cli.main(["status", "--name", lab, "--json"]) == 0
+    assert '"Established"' in capsys.readouterr().out
+
+
+def test_ready_flip_withdraws_and_restores_at_the_router(lab: str) -> None:
+    for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
+        assert _next_hops(lab, prefix) == {"n1", "n2"}
+    assert cli.main(["ready", "--name", lab, "dns-1", "false"]) == 0
+    for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
+        _wait_next_hops(lab, prefix, {"n2"})
+    # Node prefixes are untouched by readiness.
+    assert _next_hops(lab, "fd00:f10c:1::/64") == {"n1"}
+    core.ready(lab, "dns-2", False)
+    for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
+        _wait_next_hops(lab, prefix, set())
+    core.ready(lab, "dns-1", True)
+    core.ready(lab, "dns-2", True)
+    for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
+        _wait_next_hops(lab, prefix, {"n1", "n2"})
+
+
+def test_add_exec_delete_pod(lab: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["add-pod", "--name", lab, "extra", "--node", "n2", "--anycast", ANYCAST6]) == 0
+    try:
+        _wait_next_hops(lab, f"{ANYCAST6}/128", {"n1", "n2"})
+        rec = core.Lab.open(lab).state.pods["default/extra"]
+        assert rec.addresses and state.netns_prefix(lab) in rec.netns
+        v6 = next(a for a in rec.addresses if ":" in a)
+        assert cli.main(["exec", "--name", lab, "web-1", "--", "ping", "-6", "-c1", "-W2", v6]) == 0
+        assert (
+            cli.main(["exec", "--name", lab, "extra", "--", "ip", "-6", "addr", "show", "lo"]) == 0
+        )
+        assert ANYCAST6 in capsys.readouterr().out
+    finally:
+        assert cli.main(["delete-pod", "--name", lab, "extra"]) == 0
+    assert "default/extra" not in core.Lab.open(lab).state.pods
+    assert not any(n.endswith("-extra") for n in state.lab_netns(lab))
+    # A bad pod is refused before anything is created.
+    assert (
+        cli.main(["add-pod", "--name", lab, "bad", "--node", "n1", "--anycast", "fd00:9::1"]) == 1
+    )
+    assert "allowedAddresses" in capsys.readouterr().err
+
+
+def test_graph(lab: str, tmp_path: Any) -> None:
+    files = core.graph(lab, tmp_path / "lab.svg")
+    assert (tmp_path / "lab.svg") in files
+    assert "dns-1" in (tmp_path / "lab.svg").read_text()
+
+
+def test_down_removes_everything() -> None:
+    name = _name()
+    try:
+        core.up(_topology(name))
+        lab = core.Lab.open(name)
+        pids = [(int(r.ident), r.start_time) for r in lab.state.processes()]
+        assert pids and all(state.alive(p, s) for p, s in pids)
+    finally:
+        core.down(name)
+    _nothing_left(name, pids)
+    assert core.down(name) == f"lab {name}: nothing to remove"
+
+
+def test_down_after_a_crash() -> None:
+    """Processes killed and the state file gone: down still finds everything by name."""
+    name = _name()
+    try:
+        core.up(_topology(name))
+        lab = core.Lab.open(name)
+        recorded = [(int(r.ident), r.start_time) for r in lab.state.processes()]
+        # The crash: the first process of each kind dies, and the state file is lost.
+        os.kill(recorded[0][0], signal.SIGKILL)
+        (state.run_dir(name) / state.STATE_FILE).unlink()
+        survivors = state.pids_in_netns(state.lab_netns(name))
+        assert survivors
+        with pytest.raises(core.LabError, match="already up"):
+            core.up(_topology(name))
+    finally:
+        core.down(name)
+    _nothing_left(name, recorded + survivors)
