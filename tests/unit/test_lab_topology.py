@@ -345,8 +345,8 @@ def test_status_text_and_json() -> None:
 
 def test_dot_draws_anycast_paths_only_to_ready_next_hops() -> None:
     dot = graph.to_dot(_status())
-    assert '"router" -> "pod/default/dns-1"' in dot
-    assert '"router" -> "pod/default/dns-2"' not in dot
+    assert '"anycast/fd00:f10c:a::53/128" -> "pod/default/dns-1"' in dot
+    assert '"anycast/fd00:f10c:a::53/128" -> "pod/default/dns-2"' not in dot
     assert "(not Ready)" in dot
     assert 'color=red, label="BGP ipv6 Active"' in dot
 

@@ -5,8 +5,9 @@
 present (`dot -Tpng` when Graphviz was built with cairo, else `rsvg-convert`).
 
 Sessions are drawn router to node, coloured by state; each anycast address
-the router learned is a diamond with one edge to every replica whose node is
-a current ECMP next hop, so a withdrawn replica visibly loses its edge.
+the router learned is a diamond with one (orange) edge to every Ready replica
+whose node is a current ECMP next hop, so a withdrawn replica visibly loses
+its edge.
 """
 
 from __future__ import annotations
@@ -82,14 +83,15 @@ def to_dot(st: LabStatus) -> str:
             f"  {_id('router')} -> {_id('node', n.name)} [dir=both, color={color}, "
             f"label={_q('BGP ' + ', '.join(sess) if sess else 'no session')}];"
         )
-    # Anycast paths: router -> replica for every node that is a current next hop.
+    # Anycast paths: from the anycast address to every replica the router forwards to.
     for r in st.anycast_routes():
         via_nodes = {node for _, node in r.nexthops if node}
+        ip = r.prefix.split("/")[0]
         for p in st.pods:
-            if r.prefix.split("/")[0] in p.anycast and p.node in via_nodes and p.ready:
+            if ip in p.anycast and p.node in via_nodes and p.ready:
                 lines.append(
-                    f"  {_id('router')} -> {_id('pod', p.key)} [color=orange, penwidth=2, "
-                    f"style=dashed, constraint=false, label={_q(r.prefix.split('/')[0])}];"
+                    f"  {_id('anycast', r.prefix)} -> {_id('pod', p.key)} [color=orange, "
+                    "penwidth=1.5, style=dashed, constraint=false];"
                 )
     lines.append("}")
     return "\n".join(lines) + "\n"
