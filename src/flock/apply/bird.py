@@ -230,10 +230,11 @@ def export_route(prefix: IPNetwork, *, table: int, proto: int, delete: bool = Fa
     )
     body += rtnl.attr(rtnl.RTA_DST, prefix.network_address.packed)
     body += rtnl.attr_u32(rtnl.RTA_TABLE, table)
+    # `what` stays a constant: formatting an IPv6 address costs more than the whole request.
     if delete:
-        return Request(rtnl.RTM_DELROUTE, 0, body, f"withdraw {prefix} from table {table}")
+        return Request(rtnl.RTM_DELROUTE, 0, body, "withdraw a per-pod route from the export table")
     flags = rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE
-    return Request(rtnl.RTM_NEWROUTE, flags, body, f"export {prefix} in table {table}")
+    return Request(rtnl.RTM_NEWROUTE, flags, body, "add a per-pod route to the export table")
 
 
 class ExportTable:

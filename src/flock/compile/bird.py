@@ -101,8 +101,10 @@ def exportable(node: NodeConfig, prefix: IPNetwork) -> bool:
     """Whether the export filter lets this per-pod prefix out (a host route in the allow-list)."""
     if prefix.prefixlen != host_length(prefix.version):
         return False
+    addr = int(prefix.network_address)
     return any(
-        e.cidr.version == prefix.version and prefix.subnet_of(e.cidr)  # type: ignore[arg-type]
+        e.cidr.version == prefix.version
+        and addr & int(e.cidr.netmask) == int(e.cidr.network_address)
         for e in node.spec.allowed_addresses
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ class BirdDaemon:
         finally:
             log.close()
         deadline = time.monotonic() + wait
-        while not self.socket_path.exists():
+        while not self._answers():
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"BIRD in {self.netns} exited with {self.proc.returncode}: "
@@ -83,6 +84,17 @@ class BirdDaemon:
                 self.stop()
                 raise TimeoutError(f"BIRD in {self.netns} did not open {self.socket_path}")
             time.sleep(0.02)
+
+    def _answers(self) -> bool:
+        """The control socket accepts a connection (the file appears before listen())."""
+        if not self.socket_path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL: a crash, as the agent would see one."""
