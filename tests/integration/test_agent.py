@@ -428,3 +428,63 @@ def test_sigkill_at_random_moments_during_500_operations(fnode: TestNode) -> Non
     assert {(d.split("/")[0], dev) for d, dev in host_routes(fnode)} == want_routes
     for p in live:
         assert fnode.cni_check(p).ok
+
+
+# ---- with a real BIRD ----------------------------------------------------------------------
+
+
+def test_bird_exports_follow_readiness_and_health_fails_while_bird_is_down(
+    fnode: TestNode,
+) -> None:
+    from flock.testbed.bird import BirdDaemon
+
+    spec = {
+        **SPEC,
+        "bgp": {"asn": 65101, "peers": [{"address": "2001:db8:ffff::fe", "asn": 65000}]},
+    }
+    fnode.set_node_config(spec)
+    bird = BirdDaemon(netns=fnode.name, workdir=fnode.base_dir / "bird")
+    bird.start()
+    try:
+        fnode.stop_agent()
+        port = random.randint(20000, 60000)
+        fnode.start_agent(
+            "--bird-socket", str(bird.socket_path),
+            "--bird-config", str(bird.config_path),
+            "--router-id", "198.51.100.1",
+            "--metrics-addr", f"127.0.0.1:{port}",
+        )  # fmt: skip
+
+        def bird_has(prefix: str) -> bool:
+            out = netns.run(
+                ["birdc", "-s", str(bird.socket_path), "show", "route", "for", prefix, "all"],
+                netns=fnode.name,
+                check=False,
+            ).stdout
+            return f"{prefix}/128" in out or f"{prefix}/32" in out
+
+        def health() -> str:
+            fetch = (
+                "import urllib.request,urllib.error,sys\n"
+                "try: print(urllib.request.urlopen(sys.argv[1]).status)\n"
+                "except urllib.error.HTTPError as e: print(e.code)"
+            )
+            return fnode.exec("python3", "-c", fetch, f"http://127.0.0.1:{port}/healthz").strip()
+
+        assert wait_for(lambda: health() == "200")
+        pod = fnode.add_pod("dns", annotations={"anycast": f"{ANY6},{ANY4}"})
+        assert wait_for(lambda: bird_has(ANY6) and bird_has(ANY4))
+        st = fnode.status()
+        assert st["bgp"]["bird"] == "up" and "2001:db8:ffff::fe" in st["bgp"]["sessions"]
+        fnode.set_ready(pod, False)
+        assert wait_for(lambda: not bird_has(ANY6) and not bird_has(ANY4))
+        fnode.set_ready(pod, True)
+        assert wait_for(lambda: bird_has(ANY6))
+
+        bird.kill()
+        assert wait_for(lambda: health() == "503", timeout=5)
+        bird.start()  # same config file: the agent's
+        assert wait_for(lambda: health() == "200", timeout=5)
+        assert wait_for(lambda: bird_has(ANY6) and bird_has(ANY4), timeout=5)
+    finally:
+        bird.stop()

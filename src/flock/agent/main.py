@@ -263,7 +263,9 @@ class Agent:
         await self.datastore.start()
         await self.datastore.wait_synced()
         self.reconciler = Reconciler(
-            snapshot=self.datastore.snapshot, allocations=lambda: self.service.allocations()
+            snapshot=self.datastore.snapshot,
+            allocations=lambda: self.service.allocations(),
+            on_pass=self._after_pass,
         )
         self.service = CniService(
             datastore=self.datastore,
@@ -303,6 +305,15 @@ class Agent:
         self.health.started = True
         self.health.reason = "ok"
         log.info("agent ready", extra={"node": o.node_name, "socket": str(o.socket)})
+
+    def _after_pass(self, r: Reconciler) -> None:
+        m = self.metrics
+        m.anycast_routes.set(len(r.desired.anycast_routes))
+        m.exports.set(len(r.desired.exports))
+        if self.policy_engine is not None and r.stats.policy_sync_seconds:
+            m.policy_sync.observe(r.stats.policy_sync_seconds)
+        if not r.outcome.ok:
+            m.reconcile_failures.inc()
 
     def _make_bird(self) -> BirdExports | None:
         o = self.opts

@@ -173,6 +173,7 @@ class Reconciler:
         policy: PolicyApplier | None = None,
         full_resync_interval: float = 60.0,
         retry_interval: float = 1.0,
+        on_pass: Callable[[Reconciler], None] | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._allocations = allocations
@@ -181,6 +182,7 @@ class Reconciler:
         self._policy = policy
         self._full_resync_interval = full_resync_interval
         self._retry_interval = retry_interval
+        self._on_pass = on_pass
         self._requested = 0
         self._done = 0
         self._wake = asyncio.Event()
