@@ -353,6 +353,9 @@ class CniService:
             spec = PodNetSpec.from_allocation(replace(alloc, netns=req.netns))
             return await self._kernel(self.datapath.setup_pod, spec)
         except (DatapathError, ValueError, OSError) as e:
+            # setup_pod leaves nothing behind on failure; removing by our own
+            # deterministic name once more costs little and covers a crash in between.
+            await self._teardown_quietly(alloc.host_ifname, req)
             raise CniError(ERR_DATAPATH, f"setting up the pod network failed: {e}") from e
 
     async def _teardown_quietly(self, name: str, req: CniRequest) -> None:

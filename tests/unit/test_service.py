@@ -1,0 +1,283 @@
+"""The CNI verbs' ordering and rollback, with the kernel replaced (no root, milliseconds).
+
+Real IPAM, real allocation store (in a temp dir), real manifests datastore and
+reconciler; only the datapath is a recording fake that can be told to fail or
+to be slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from flock.agent.datastore.base import Snapshot
+from flock.agent.datastore.files import FilesDatastore
+from flock.agent.reconcile import Reconciler
+from flock.agent.service import ERR_ANNOTATION, ERR_DATAPATH, CniService
+from flock.apply.datapath import HostVeth, PodNetResult, PodNetSpec
+from flock.apply.store import AllocationStore
+from flock.compile.ipam import Ipam
+from flock.model.allocation import Allocation
+from flock.model.cni import ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, CniError, CniRequest
+
+T = TypeVar("T")
+NODE = "node-a"
+
+
+class FakeDatapath:
+    def __init__(self) -> None:
+        self.links: dict[str, PodNetSpec] = {}
+        self.fail_setup = False
+        self.setup_delay = 0.0
+        self.events: list[str] = []
+        self.lock = threading.Lock()
+
+    def setup_pod(self, spec: PodNetSpec) -> PodNetResult:
+        with self.lock:
+            self.events.append(f"setup-start {spec.container_id}")
+        time.sleep(self.setup_delay)
+        if self.fail_setup:
+            raise OSError("netlink said no")
+        with self.lock:
+            self.links[spec.host_ifname] = spec
+            self.events.append(f"setup-end {spec.container_id}")
+        return PodNetResult(
+            host_ifname=spec.host_ifname, host_mac="ee:00:00:00:00:01", host_index=5,
+            pod_ifname=spec.ifname, pod_mac="0a:00:00:00:00:01", pod_index=2,
+            sandbox=spec.netns, mtu=1500, addresses=spec.addresses,
+        )  # fmt: skip
+
+    def teardown_pod(
+        self, *, container_id: str, ifname: str = "eth0", host_ifname: str = ""
+    ) -> bool:
+        with self.lock:
+            self.events.append(f"teardown {container_id}")
+            return self.links.pop(host_ifname, None) is not None
+
+    def check_pod(self, spec: PodNetSpec) -> list[str]:
+        return (
+            [] if spec.host_ifname in self.links else [f"host veth {spec.host_ifname} is missing"]
+        )
+
+    def list_host_veths(self) -> list[HostVeth]:
+        return [HostVeth(name=n, index=1, mac="", up=True) for n in self.links]
+
+
+class FailingPolicy:
+    async def apply_policy(self, snapshot: Snapshot, allocations: Sequence[Allocation]) -> None:
+        raise RuntimeError("nft refused the ruleset")
+
+
+def write(path: Path, *docs: Mapping[str, Any]) -> None:
+    tmp = path.with_name("." + path.name)
+    tmp.write_text(yaml.safe_dump_all([dict(d) for d in docs]))
+    tmp.replace(path)
+
+
+def pod_doc(name: str, uid: str = "", **ann: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "uid": uid or f"uid-{name}",
+                     "annotations": {f"flock.fritzlab.net/{k}": v for k, v in ann.items()}},
+        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "i"}]},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]},
+    }  # fmt: skip
+
+
+def req(command: str, cid: str, pod: str = "", uid: str = "") -> CniRequest:
+    args = {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": pod} if pod else {}
+    if uid:
+        args["K8S_POD_UID"] = uid
+    return CniRequest.from_wire(
+        {
+            "command": command,
+            "containerID": cid,
+            "netns": "/run/netns/fake" if command in ("ADD", "CHECK") else "",
+            "ifname": "eth0",
+            "args": args,
+            "config": {"cniVersion": "1.1.0", "name": "flock"},
+        }
+    )
+
+
+Env = tuple[CniService, FakeDatapath, AllocationStore, Path]
+
+
+def run(tmp_path: Path, body: Callable[[Env], Awaitable[T]], *, policy: Any = None) -> T:
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    write(
+        manifests / "nc.yaml",
+        {
+            "apiVersion": "flock.fritzlab.net/v1alpha1",
+            "kind": "NodeConfig",
+            "metadata": {"name": NODE},
+            "spec": {"cidr6": ["2001:db8:f001::/64"], "cidr4": ["10.1.0.0/24"]},
+        },
+    )
+
+    async def main() -> T:
+        ds = FilesDatastore(manifests, node_name=NODE, rescan_interval=3600)
+        await ds.start()
+        store = AllocationStore(tmp_path / "state")
+        ipam = Ipam(store.load())
+        dp = FakeDatapath()
+        svc: CniService
+        rec = Reconciler(snapshot=ds.snapshot, allocations=lambda: svc.allocations())
+        svc = CniService(
+            datastore=ds, ipam=ipam, store=store, datapath=dp, reconciler=rec, pod_wait=0.5
+        )
+        rec.set_appliers(policy=policy)
+        svc.ready = True
+        task = asyncio.create_task(rec.run())
+        try:
+            return await body((svc, dp, store, manifests))
+        finally:
+            task.cancel()
+            await ds.close()
+            svc.close()
+            store.close()
+
+    return asyncio.run(main())
+
+
+def test_add_then_del_leaves_nothing(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, store, m = env
+        write(m / "p.yaml", pod_doc("web"))
+        res = await svc.handle(req("ADD", "c1", "web"))
+        assert [ip["address"] for ip in res["ips"]][1] == "10.1.0.1/32"
+        assert len(dp.links) == 1 and len(store.allocations()) == 1
+        await svc.handle(req("CHECK", "c1", "web"))
+        await svc.handle(req("DEL", "c1"))
+        await svc.handle(req("DEL", "c1"))  # idempotent
+        assert dp.links == {} and store.allocations() == [] and svc.ipam.all() == []
+
+    run(tmp_path, body)
+
+
+def test_datapath_failure_rolls_back_the_allocation(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, store, m = env
+        write(m / "p.yaml", pod_doc("web"))
+        dp.fail_setup = True
+        with pytest.raises(CniError) as ei:
+            await svc.handle(req("ADD", "c1", "web"))
+        assert ei.value.code == ERR_DATAPATH and "netlink said no" in ei.value.msg
+        assert svc.ipam.all() == [] and store.allocations() == [] and dp.links == {}
+        assert "teardown c1" in dp.events
+        dp.fail_setup = False
+        res = await svc.handle(req("ADD", "c2", "web"))
+        assert res["ips"][1]["address"] == "10.1.0.1/32"  # the address was not leaked
+
+    run(tmp_path, body)
+
+
+def test_policy_failure_fails_the_add_and_undoes_it(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, store, m = env
+        write(m / "p.yaml", pod_doc("web"))
+        with pytest.raises(CniError) as ei:
+            await svc.handle(req("ADD", "c1", "web"))
+        assert ei.value.code == ERR_DATAPATH and "unprotected" in ei.value.msg
+        assert "nft refused" in ei.value.details
+        assert svc.ipam.all() == [] and store.allocations() == [] and dp.links == {}
+
+    run(tmp_path, body, policy=FailingPolicy())
+
+
+def test_malformed_annotation_names_the_key_and_allocates_nothing(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, store, m = env
+        write(m / "p.yaml", pod_doc("web", cidr4="10.9.0.0/24"))
+        with pytest.raises(CniError) as ei:
+            await svc.handle(req("ADD", "c1", "web"))
+        assert ei.value.code == ERR_ANNOTATION
+        assert "flock.fritzlab.net/cidr4" in ei.value.msg and "10.9.0.0/24" in ei.value.msg
+        assert dp.events == [] and store.allocations() == []
+
+    run(tmp_path, body)
+
+
+def test_add_waits_briefly_for_a_pod_the_datastore_has_not_seen(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, _dp, _store, m = env
+
+        async def later() -> None:
+            await asyncio.sleep(0.1)
+            write(m / "p.yaml", pod_doc("late", uid="u2"))
+
+        writer = asyncio.create_task(later())
+        res = await svc.handle(req("ADD", "c1", "late", uid="u2"))
+        await writer
+        assert res["ips"]
+        # A stale incarnation (uid mismatch) is never used; it ends in "try again".
+        with pytest.raises(CniError) as ei:
+            await svc.handle(req("ADD", "c2", "late", uid="u3"))
+        assert ei.value.code == ERR_TRY_AGAIN and "uid" in ei.value.msg
+
+    run(tmp_path, body)
+
+
+def test_operations_on_one_container_are_serialised(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, _store, m = env
+        write(m / "p.yaml", pod_doc("a"), pod_doc("b"))
+        dp.setup_delay = 0.2
+        t0 = time.perf_counter()
+        add = asyncio.create_task(svc.handle(req("ADD", "c1", "a")))
+        other = asyncio.create_task(svc.handle(req("ADD", "c2", "b")))
+        await asyncio.sleep(0.05)
+        await svc.handle(req("DEL", "c1"))  # must wait for c1's ADD, not for c2's
+        await add
+        await other
+        assert time.perf_counter() - t0 < 0.35  # c1 and c2 overlapped
+        i_end = dp.events.index("setup-end c1")
+        assert dp.events.index("teardown c1") > i_end
+        assert [a.key.container_id for a in svc.ipam.all()] == ["c2"]
+
+    run(tmp_path, body)
+
+
+def test_status_reports_a_missing_nodeconfig(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, _dp, _store, m = env
+        await svc.handle(req("STATUS", ""))
+        (m / "nc.yaml").unlink()
+        with pytest.raises(CniError) as ei:
+            await svc.handle(req("STATUS", ""))
+        assert ei.value.code == ERR_NOT_AVAILABLE and "NodeConfig" in ei.value.msg
+
+    run(tmp_path, body)
+
+
+def test_gc_releases_unlisted_attachments(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, store, m = env
+        write(m / "p.yaml", pod_doc("a"), pod_doc("b"))
+        await svc.handle(req("ADD", "c1", "a"))
+        await svc.handle(req("ADD", "c2", "b"))
+        dp.links["flkstray000000"] = next(iter(dp.links.values()))
+        gc = CniRequest.from_wire(
+            {
+                "command": "GC",
+                "config": {
+                    "cniVersion": "1.1.0",
+                    "name": "flock",
+                    "cni.dev/valid-attachments": [{"containerID": "c2", "ifname": "eth0"}],
+                },
+            }
+        )
+        await svc.handle(gc)
+        assert [a.key.container_id for a in store.allocations()] == ["c2"]
+        assert len(dp.links) == 1
+
+    run(tmp_path, body)
