@@ -9,12 +9,16 @@ process or directory behind, including after a simulated crash.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import secrets
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,6 +177,7 @@ def test_graph(lab: str, tmp_path: Any) -> None:
 
 def test_down_removes_everything() -> None:
     name = _name()
+    pids: list[tuple[int, int]] = []
     try:
         core.up(_topology(name))
         lab = core.Lab.open(name)
@@ -187,6 +192,8 @@ def test_down_removes_everything() -> None:
 def test_down_after_a_crash() -> None:
     """Processes killed and the state file gone: down still finds everything by name."""
     name = _name()
+    recorded: list[tuple[int, int]] = []
+    survivors: list[tuple[int, int]] = []
     try:
         core.up(_topology(name))
         lab = core.Lab.open(name)
@@ -201,3 +208,57 @@ def test_down_after_a_crash() -> None:
     finally:
         core.down(name)
     _nothing_left(name, recorded + survivors)
+
+
+def test_down_after_up_was_killed_half_way() -> None:
+    """`flock lab up` dies (SIGKILL) while it is starting agents: down removes all it made."""
+    name = _name()
+    flock = str(Path(sys.executable).parent / "flock")
+    recorded: list[tuple[int, int]] = []
+    survivors: list[tuple[int, int]] = []
+    proc = subprocess.Popen(
+        [flock, "lab", "up", "--name", name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(state.LabNotFoundError, ValueError, KeyError):
+                roles = [r.role for r in state.LabState.load(name).processes()]
+                if any(r.startswith("agent") for r in roles):
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("up never started an agent")
+        proc.kill()
+        proc.wait(10)
+        recorded = [(int(r.ident), r.start_time) for r in state.LabState.load(name).processes()]
+        survivors = state.pids_in_netns(state.lab_netns(name))
+        assert survivors, "the daemons outlive the killed `up`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        core.down(name)
+    _nothing_left(name, recorded + survivors)
+
+
+def test_default_topology_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    """What the README runs: `flock lab up` (built-in topology), `test`, `down`."""
+    name = _name()
+    pids: list[tuple[int, int]] = []
+    try:
+        assert cli.main(["up", "--name", name]) == 0
+        out = capsys.readouterr().out
+        assert f"lab {name} is up" in out and "flock lab status" in out
+        rc = cli.main(["test", "--name", name])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        assert "16/16 checks passed" in out
+        pids = [(int(r.ident), r.start_time) for r in core.Lab.open(name).state.processes()]
+        # 2 FRR daemons, and BIRD + agent on each of the three nodes.
+        assert len(pids) == 8
+    finally:
+        assert cli.main(["down", "--name", name]) == 0
+    _nothing_left(name, pids)

@@ -18,7 +18,9 @@ that is up.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -177,8 +179,17 @@ def _dispatch(ns: argparse.Namespace) -> int:
             print(f"wrote {f}")
         return 0
     if verb == "ready":
+        t0 = time.monotonic()
         c.ready(name, ns.pod, ns.value == "true")
         print(f"pod {ns.pod}: Ready={ns.value}")
+        _, routes = c.converge(name)
+        took = time.monotonic() - t0
+        pod = c.Lab.open(name).pod(ns.pod)
+        for ip in pod.annotation_ips("anycast"):
+            prefix = str(ipaddress.ip_network(ip))
+            via = ", ".join(sorted(routes.get(prefix, set()))) or "nothing (withdrawn everywhere)"
+            print(f"  router: {prefix} via {via}")
+        print(f"  (the router's table matched {took * 1000:.0f} ms after the flip)")
         return 0
     if verb == "add-pod":
         rec = c.add_pod(name, _pod_from_args(ns))
@@ -196,7 +207,8 @@ def _dispatch(ns: argparse.Namespace) -> int:
             raise UsageError("exec needs a command: flock lab exec POD -- CMD ARGS...")
         return int(c.exec_in_pod(name, ns.pod, cmd))
     if verb == "test":
-        results = c.run_checks(name, progress=lambda msg: print(msg, flush=True))
+        print(f"running the built-in checks against lab {name} ...", flush=True)
+        results = c.run_checks(name)
         print(render_checks(results))
         return 0 if results and all(r.ok for r in results) else 1
     raise UsageError(f"unknown verb {verb!r}")

@@ -77,6 +77,13 @@ def new_uid() -> str:
     return str(uuid.uuid4())
 
 
+def open_datastore(kind: str, run_dir: Path) -> LabDatastore:
+    """The datastore a lab was built with (recorded in its state as `kind`)."""
+    if kind == "manifests":
+        return ManifestsDatastore(run_dir / "manifests")
+    raise ValueError(f"unknown lab datastore {kind!r} (known: manifests)")
+
+
 class ManifestsDatastore:
     """One YAML file per object in `directory` (the agents' `--manifests`)."""
 

@@ -81,6 +81,8 @@ class LabState:
     pods: dict[str, PodRecord] = field(default_factory=dict)
     phase: str = "creating"
     created_at: float = field(default_factory=time.time)
+    # Where pods and NodeConfigs live (see flock.lab.datastore.open_datastore).
+    datastore: str = "manifests"
 
     # -- persistence -------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class LabState:
             pods={k: PodRecord(**v) for k, v in raw.get("pods", {}).items()},
             phase=raw.get("phase", "unknown"),
             created_at=raw.get("created_at", 0.0),
+            datastore=raw.get("datastore", "manifests"),
         )
 
     def save(self) -> None:
@@ -131,6 +134,7 @@ class LabState:
             "pods": {k: asdict(v) for k, v in self.pods.items()},
             "phase": self.phase,
             "created_at": self.created_at,
+            "datastore": self.datastore,
         }
         path = self.dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
