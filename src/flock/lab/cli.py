@@ -207,7 +207,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
             raise UsageError("exec needs a command: flock lab exec POD -- CMD ARGS...")
         return int(c.exec_in_pod(name, ns.pod, cmd))
     if verb == "test":
-        print(f"running the built-in checks against lab {name} ...", flush=True)
+        print(f"running the built-in checks against lab '{name}' ...", flush=True)
         results = c.run_checks(name)
         print(render_checks(results))
         return 0 if results and all(r.ok for r in results) else 1

@@ -281,7 +281,7 @@ def _summary(lab: Lab, seconds: float) -> str:
     topo = lab.topo
     lines = [
         "",
-        f"lab {lab.name} is up ({seconds:.1f}s): router {topo.router.name} (FRR) and "
+        f"lab '{lab.name}' is up ({seconds:.1f}s): router {topo.router.name} (FRR) and "
         f"{len(topo.nodes)} nodes (flock agent + BIRD), {len(topo.pods)} pods",
         "",
         "  namespaces:",
@@ -329,6 +329,7 @@ def _start_frr(lab: Lab) -> None:
         router_id=ipaddress.IPv4Address(lab_router.router_id(topo)),
         neighbors=lab_router.neighbors(topo),
         hostname=topo.router.name,
+        extra=lab_router.connect_retry(topo),
     )
     try:
         frr.start(config)
