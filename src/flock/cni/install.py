@@ -1,0 +1,348 @@
+"""`flock install-cni`: put the plugin and its network config on the host (the init container).
+
+Why it is careful: a container runtime may exec the plugin, or read the conf
+dir, at any moment, including while this runs, and the init container may be
+killed half-way. So every file appears by rename only (temp file, fsync,
+rename, fsync of the directory), the plugin's runtime tree is installed under a
+content-hashed name before the `flock.d` symlink is switched to it, and running
+the installer twice changes nothing the second time.
+
+Layout in the CNI bin dir:
+
+    flock                    the entry the runtime execs: the bundle's static launcher,
+                             or (``--python``) a two-line stub for a host Python
+    flock.d -> .flock-<hash> the plugin's runtime tree (bundle or plugin module)
+    .flock-<hash>/           one per installed version; the previous one is kept for
+                             plugin processes started just before the switch
+
+Two ways to provide the plugin:
+
+- ``--bundle DIR`` (default ``$FLOCK_CNI_BUNDLE`` or /opt/flock/cni): the
+  self-contained build of packaging/build_plugin_bundle.py, for hosts without
+  Python (its own interpreter, stdlib subset and glibc loader);
+- ``--python PATH``: the host's own Python 3.11+ runs the plugin module
+  (development machines, the lab, tests).
+
+The conflist (``01-flock.conflist``) sorts first among typical names, so the
+runtime picks it. Its ``cniVersion`` is 1.0.0 with ``cniVersions`` listing
+1.1.0: a runtime with libcni 1.2+ (containerd 2, CRI-O 1.30+) picks 1.1.0 and
+can send GC and STATUS, while containerd 1.7 (libcni 1.1, which reads only
+``cniVersion`` and cannot parse a 1.1.0 result) still works. ``portmap`` is
+chained only on request (``--portmap``): flock pods have routable addresses and
+need no NAT; hostPort needs portmap's DNAT, and the binary must exist on the
+host or every ADD would fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+PLUGIN_NAME = "flock"
+TREE_LINK = "flock.d"
+TREE_PREFIX = ".flock-"
+CONFLIST_NAME = "01-flock.conflist"
+DEFAULT_BUNDLE = Path(os.environ.get("FLOCK_CNI_BUNDLE", "/opt/flock/cni"))
+DEFAULT_SOCKET = "/run/flock/agent.sock"
+MODULE_NAME = "flock_cni_plugin"
+
+STUB = """#!{python} -IS
+# flock CNI plugin entry (installed by `flock install-cni --python`); runs {module} from flock.d.
+import sys
+sys.path.insert(0, sys.argv[0].rpartition("/")[0] + "/{link}")
+import {module}
+sys.exit({module}.main())
+"""
+
+
+class InstallError(Exception):
+    pass
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> bool:
+    """Replace `path` with `data` by rename; False (and no write) if it already holds it."""
+    try:
+        st = path.lstat()
+        same_kind = stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == mode
+        if same_kind and path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fchmod(fd, mode)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return True
+
+
+def symlink_atomic(path: Path, target: str) -> bool:
+    with contextlib.suppress(OSError):
+        if os.readlink(path) == target:
+            return False
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return True
+
+
+def tree_digest(root: Path) -> str:
+    """A digest of a directory's files (paths, modes, contents); symlinks by target."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if "__pycache__" in p.parts:
+            continue
+        st = p.lstat()
+        if stat.S_ISLNK(st.st_mode):
+            h.update(f"L {rel} {os.readlink(p)}\n".encode())
+        elif stat.S_ISREG(st.st_mode):
+            h.update(f"F {rel} {stat.S_IMODE(st.st_mode) & 0o111:o} {st.st_size}\n".encode())
+            with p.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _copy_tree_durable(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for p in sorted(dst.rglob("*"), reverse=True):
+        if p.is_file() and not p.is_symlink():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif p.is_dir() and not p.is_symlink():
+            fsync_dir(p)
+    fsync_dir(dst)
+
+
+def install_tree(src: Path, bin_dir: Path) -> tuple[str, bool]:
+    """Install `src` as ``bin_dir/.flock-<digest>`` and point flock.d at it."""
+    name = TREE_PREFIX + tree_digest(src)
+    final = bin_dir / name
+    changed = False
+    if not final.is_dir() or tree_digest(final) != name[len(TREE_PREFIX) :]:
+        tmp = bin_dir / f"{name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _copy_tree_durable(src, tmp)
+        if final.exists():
+            shutil.rmtree(final)  # damaged copy of the same version
+        os.rename(tmp, final)
+        fsync_dir(bin_dir)
+        changed = True
+    changed |= symlink_atomic(bin_dir / TREE_LINK, name)
+    return name, changed
+
+
+def prune_trees(bin_dir: Path, keep: set[str]) -> list[str]:
+    """Remove old versions and leftovers of interrupted installs (keeping `keep`)."""
+    removed = []
+    for p in bin_dir.iterdir():
+        if p.name.startswith(TREE_PREFIX) and p.name not in keep and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def render_conflist(
+    *, socket: str, state_dir: str, cni_version: str, portmap: bool, name: str = "flock"
+) -> bytes:
+    plugin: dict[str, object] = {"type": PLUGIN_NAME, "agentSocket": socket}
+    if state_dir:
+        plugin["stateDir"] = state_dir
+    plugins: list[dict[str, object]] = [plugin]
+    if portmap:
+        plugins.append(
+            {"type": "portmap", "capabilities": {"portMappings": True}, "backend": "nftables"}
+        )
+    conf = {
+        "cniVersion": cni_version,
+        "cniVersions": ["0.4.0", "1.0.0", "1.1.0"],
+        "name": name,
+        "plugins": plugins,
+    }
+    return (json.dumps(conf, indent=2) + "\n").encode()
+
+
+def _plugin_source() -> Path:
+    return Path(__file__).with_name("plugin.py")
+
+
+def _script_tree(staging: Path) -> None:
+    staging.mkdir()
+    shutil.copy2(_plugin_source(), staging / f"{MODULE_NAME}.py")
+
+
+def _precompile(tree: Path, python: str) -> None:
+    """Compile the plugin module with the interpreter that will run it (no compile per exec)."""
+    subprocess.run(
+        [python, "-I", "-S", "-m", "py_compile", str(tree / f"{MODULE_NAME}.py")],
+        check=True,
+        capture_output=True,
+    )
+
+
+def check_python(python: str) -> None:
+    try:
+        out = subprocess.run(
+            [python, "-I", "-S", "-c", "import sys; print(sys.version_info >= (3, 11))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise InstallError(f"--python {python}: cannot run it: {e}") from None
+    if out != "True":
+        raise InstallError(f"--python {python}: the plugin needs Python 3.11 or later")
+
+
+def install(
+    *,
+    bin_dir: Path,
+    conf_dir: Path,
+    socket: str = DEFAULT_SOCKET,
+    state_dir: str = "",
+    bundle: Path | None = None,
+    python: str | None = None,
+    cni_version: str = "1.0.0",
+    portmap: bool = False,
+    conflist_name: str = CONFLIST_NAME,
+) -> list[str]:
+    """Install; returns one line per action taken (empty when nothing changed)."""
+    if not socket.startswith("/"):
+        raise InstallError(f"--socket {socket!r} must be an absolute path")
+    if state_dir and not state_dir.startswith("/"):
+        raise InstallError(f"--state-dir {state_dir!r} must be an absolute path")
+    if cni_version not in ("0.4.0", "1.0.0", "1.1.0"):
+        raise InstallError(f"--cni-version {cni_version!r}: use 0.4.0, 1.0.0 or 1.1.0")
+    for d in (bin_dir, conf_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    actions: list[str] = []
+    previous = None
+    with contextlib.suppress(OSError):
+        previous = os.readlink(bin_dir / TREE_LINK)
+
+    if python is not None:
+        check_python(python)
+        staging = bin_dir / f".flock-staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            _script_tree(staging)
+            name, changed = install_tree(staging, bin_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not (bin_dir / name / "__pycache__").is_dir():
+            _precompile(bin_dir / name, python)
+        entry = STUB.format(python=python, module=MODULE_NAME, link=TREE_LINK).encode()
+    else:
+        src = bundle if bundle is not None else DEFAULT_BUNDLE
+        if not (src / PLUGIN_NAME).is_file() or not (src / TREE_LINK).is_dir():
+            raise InstallError(
+                f"no plugin bundle at {src} (expected {src}/flock and {src}/flock.d/); build it "
+                "with packaging/build_plugin_bundle.py --out DIR and pass --bundle DIR, or use "
+                "--python PATH on a host that has Python 3.11+"
+            )
+        name, changed = install_tree(src / TREE_LINK, bin_dir)
+        entry = (src / PLUGIN_NAME).read_bytes()
+    if changed:
+        actions.append(f"installed plugin tree {bin_dir / name} (flock.d -> {name})")
+    if write_atomic(bin_dir / PLUGIN_NAME, entry, 0o755):
+        actions.append(f"wrote {bin_dir / PLUGIN_NAME}")
+    keep = {name} | ({previous} if previous and previous != name else set())
+    for old in prune_trees(bin_dir, keep):
+        actions.append(f"removed old plugin tree {old}")
+
+    conf = render_conflist(
+        socket=socket, state_dir=state_dir, cni_version=cni_version, portmap=portmap
+    )
+    conf_path = conf_dir / conflist_name
+    if write_atomic(conf_path, conf, 0o644):
+        actions.append(f"wrote {conf_path}")
+    return actions
+
+
+def shadowing_configs(conf_dir: Path, conflist_name: str = CONFLIST_NAME) -> list[str]:
+    """Network configs a runtime would pick before ours (it takes the first by name)."""
+    return sorted(
+        p.name
+        for p in conf_dir.iterdir()
+        if p.suffix in (".conf", ".conflist", ".json") and p.name < conflist_name
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="flock install-cni",
+        description="Install the flock CNI plugin and its network config on this host.",
+    )
+    ap.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
+    ap.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
+    ap.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's RPC socket")
+    ap.add_argument("--state-dir", default="", help="where DELs wait while the agent is down")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--bundle", type=Path, help=f"self-contained build (default {DEFAULT_BUNDLE})")
+    src.add_argument("--python", help="run the plugin with this host Python 3.11+ instead")
+    ap.add_argument("--cni-version", default="1.0.0", help="the conflist's cniVersion")
+    ap.add_argument("--portmap", action="store_true", help="chain portmap (hostPort support)")
+    ap.add_argument("--conflist-name", default=CONFLIST_NAME)
+    args = ap.parse_args(list(argv))
+    try:
+        actions = install(
+            bin_dir=args.bin_dir,
+            conf_dir=args.conf_dir,
+            socket=args.socket,
+            state_dir=args.state_dir,
+            bundle=args.bundle,
+            python=args.python,
+            cni_version=args.cni_version,
+            portmap=args.portmap,
+            conflist_name=args.conflist_name,
+        )
+    except (InstallError, OSError, subprocess.CalledProcessError) as e:
+        print(f"flock install-cni: {e}", file=sys.stderr)
+        return 1
+    for line in actions or ["already installed; nothing changed"]:
+        print(f"flock install-cni: {line}")
+    if args.portmap and not (args.bin_dir / "portmap").exists():
+        print(
+            f"flock install-cni: warning: --portmap but no {args.bin_dir}/portmap", file=sys.stderr
+        )
+    shadow = shadowing_configs(args.conf_dir, args.conflist_name)
+    if shadow:
+        print(
+            f"flock install-cni: warning: {', '.join(shadow)} in {args.conf_dir} sort before "
+            f"{args.conflist_name}; the runtime uses the first one",
+            file=sys.stderr,
+        )
+    return 0
