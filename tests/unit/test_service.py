@@ -19,7 +19,7 @@ import yaml
 
 from flock.agent.datastore.base import Snapshot
 from flock.agent.datastore.files import FilesDatastore
-from flock.agent.reconcile import Reconciler
+from flock.agent.reconcile import AllocationIndex, Reconciler
 from flock.agent.service import ERR_ANNOTATION, ERR_DATAPATH, CniService
 from flock.apply.datapath import HostVeth, PodNetResult, PodNetSpec
 from flock.apply.store import AllocationStore
@@ -130,8 +130,7 @@ def run(tmp_path: Path, body: Callable[[Env], Awaitable[T]], *, policy: Any = No
         store = AllocationStore(tmp_path / "state")
         ipam = Ipam(store.load())
         dp = FakeDatapath()
-        svc: CniService
-        rec = Reconciler(snapshot=ds.snapshot, allocations=lambda: svc.allocations())
+        rec = Reconciler(snapshot=ds.snapshot, index=AllocationIndex(ipam.all()))
         svc = CniService(
             datastore=ds, ipam=ipam, store=store, datapath=dp, reconciler=rec, pod_wait=0.5
         )

@@ -38,7 +38,7 @@ from flock.agent import rpc
 from flock.agent.datastore.base import Datastore, Snapshot
 from flock.agent.datastore.files import FilesDatastore
 from flock.agent.metrics import AgentMetrics, Health, MetricsServer
-from flock.agent.reconcile import IPAddress, IPNetwork, Nexthop, Reconciler
+from flock.agent.reconcile import AllocationIndex, IPAddress, IPNetwork, Nexthop, Reconciler
 from flock.agent.service import CniService, Datapath
 from flock.agent.status import serve_status
 from flock.apply.datapath import Datapath as KernelDatapath
@@ -264,7 +264,7 @@ class Agent:
         await self.datastore.wait_synced()
         self.reconciler = Reconciler(
             snapshot=self.datastore.snapshot,
-            allocations=lambda: self.service.allocations(),
+            index=AllocationIndex(allocations),
             on_pass=self._after_pass,
         )
         self.service = CniService(

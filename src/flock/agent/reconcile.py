@@ -35,12 +35,13 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from flock.agent.datastore.base import PodKey, Snapshot
-from flock.model.allocation import Allocation
+from flock.model.allocation import Allocation, AttachmentKey
 from flock.model.nodeconfig import NodeConfig
 from flock.model.pod import Pod
 
@@ -77,31 +78,51 @@ def pod_active(alloc: Allocation, pods: Mapping[PodKey, Pod]) -> bool:
 
 
 def _host_prefix(ip: IPAddress) -> IPNetwork:
-    return ipaddress.ip_network(f"{ip}/{ip.max_prefixlen}")
+    if ip.version == 6:
+        return ipaddress.IPv6Network((int(ip), 128))
+    return ipaddress.IPv4Network((int(ip), 32))
 
 
-def _inside(ip: IPAddress, aggregates: Sequence[IPNetwork]) -> bool:
-    return any(ip.version == net.version and ip in net for net in aggregates)
+Masks = tuple[tuple[int, int, int], ...]
 
 
-def compute_desired(
-    allocations: Iterable[Allocation],
-    pods: Mapping[PodKey, Pod],
-    node: NodeConfig | None,
-) -> Desired:
-    """The anycast routes and export set that these inputs call for. Pure."""
-    aggregates: tuple[IPNetwork, ...] = (
-        (*node.spec.cidr6, *node.spec.cidr4) if node is not None else ()
-    )
+def _aggregate_masks(node: NodeConfig | None) -> Masks:
+    """(version, network as int, netmask as int) per aggregate: integer tests are cheap."""
+    if node is None:
+        return ()
+    nets: list[IPNetwork] = [*node.spec.cidr6, *node.spec.cidr4]
+    return tuple((n.version, int(n.network_address), int(n.netmask)) for n in nets)
+
+
+def _outside_of(alloc: Allocation, masks: Masks) -> tuple[IPNetwork, ...]:
+    out = []
+    for ip in alloc.all_addresses:
+        n, v = int(ip), ip.version
+        if not any(v == mv and n & mask == net for mv, net, mask in masks):
+            out.append(_host_prefix(ip))
+    return tuple(out)
+
+
+def outside_exports(allocations: Iterable[Allocation], node: NodeConfig | None) -> set[IPNetwork]:
+    """Host prefixes of eth0 addresses outside the node's aggregates. Pure.
+
+    Exported per pod, Ready or not: they are the pod's only route in from the
+    upstream. Depends only on allocations and NodeConfig, so the loop caches it.
+    """
+    masks = _aggregate_masks(node)
+    out: set[IPNetwork] = set()
+    for alloc in allocations:
+        out.update(_outside_of(alloc, masks))
+    return out
+
+
+def anycast_routes(
+    allocations: Iterable[Allocation], pods: Mapping[PodKey, Pod]
+) -> tuple[dict[IPAddress, frozenset[Nexthop]], frozenset[PodKey]]:
+    """Routes for the anycast addresses of active pods, and which pods those are. Pure."""
     routes: dict[IPAddress, set[Nexthop]] = {}
-    exports: set[IPNetwork] = set()
     active: set[PodKey] = set()
     for alloc in allocations:
-        # Outside-aggregate eth0 addresses are advertised per pod, Ready or not:
-        # they are the pod's only route in from the upstream.
-        for ip in alloc.all_addresses:
-            if not _inside(ip, aggregates):
-                exports.add(_host_prefix(ip))
         if not alloc.anycast or not alloc.host_ifname or not pod_active(alloc, pods):
             continue
         active.add((alloc.namespace, alloc.pod))
@@ -110,12 +131,103 @@ def compute_desired(
             if via is None:
                 continue  # the annotation parser rejects this; never route without a return path
             routes.setdefault(ip, set()).add(Nexthop(via=via, dev=alloc.host_ifname))
+    return {ip: frozenset(nh) for ip, nh in routes.items()}, frozenset(active)
+
+
+def combine(
+    outside: Iterable[IPNetwork],
+    routes: dict[IPAddress, frozenset[Nexthop]],
+    active: frozenset[PodKey],
+) -> Desired:
+    exports = set(outside)
     exports.update(_host_prefix(ip) for ip in routes)
-    return Desired(
-        anycast_routes={ip: frozenset(nh) for ip, nh in routes.items()},
-        exports=frozenset(exports),
-        active=frozenset(active),
-    )
+    return Desired(anycast_routes=routes, exports=frozenset(exports), active=active)
+
+
+def compute_desired(
+    allocations: Iterable[Allocation],
+    pods: Mapping[PodKey, Pod],
+    node: NodeConfig | None,
+) -> Desired:
+    """The anycast routes and export set that these inputs call for. Pure."""
+    allocs = list(allocations)
+    routes, active = anycast_routes(allocs, pods)
+    return combine(outside_exports(allocs, node), routes, active)
+
+
+class AllocationIndex:
+    """The allocations the desired state is computed from, indexed so a pass is cheap.
+
+    The CNI service `put`s an allocation once its network is built and `remove`s
+    it when a DEL starts (so it is withdrawn before its veth goes). A pass then
+    costs O(anycast allocations + outside-aggregate addresses), not O(pods):
+    with 10,000 pods a readiness flip must not wait for a scan of all of them.
+    Results equal `compute_desired` over `all()` (the unit tests check it).
+    """
+
+    def __init__(self, allocations: Iterable[Allocation] = ()) -> None:
+        self._by_key: dict[AttachmentKey, Allocation] = {}
+        self._anycast: dict[AttachmentKey, Allocation] = {}
+        self._contrib: dict[AttachmentKey, tuple[IPNetwork, ...]] = {}
+        self._outside: Counter[IPNetwork] = Counter()
+        self._masks: Masks = ()
+        self._list: list[Allocation] | None = None
+        self.version = 0
+        for a in allocations:
+            self.put(a)
+
+    def set_node(self, node: NodeConfig | None) -> None:
+        masks = _aggregate_masks(node)
+        if masks == self._masks:
+            return
+        self._masks = masks
+        self._contrib.clear()
+        self._outside.clear()
+        for key, a in self._by_key.items():
+            self._count(key, a)
+        self.version += 1
+
+    def _count(self, key: AttachmentKey, alloc: Allocation) -> None:
+        contrib = _outside_of(alloc, self._masks)
+        if contrib:
+            self._contrib[key] = contrib
+            self._outside.update(contrib)
+
+    def put(self, alloc: Allocation) -> None:
+        self.remove(alloc.key)
+        self._by_key[alloc.key] = alloc
+        if alloc.anycast:
+            self._anycast[alloc.key] = alloc
+        self._count(alloc.key, alloc)
+        self._list = None
+        self.version += 1
+
+    def remove(self, key: AttachmentKey) -> Allocation | None:
+        alloc = self._by_key.pop(key, None)
+        if alloc is None:
+            return None
+        self._anycast.pop(key, None)
+        contrib = self._contrib.pop(key, ())
+        if contrib:
+            self._outside.subtract(contrib)
+            for p in contrib:
+                if self._outside[p] <= 0:
+                    del self._outside[p]
+        self._list = None
+        self.version += 1
+        return alloc
+
+    def all(self) -> list[Allocation]:
+        if self._list is None:
+            self._list = list(self._by_key.values())
+        return self._list
+
+    def __contains__(self, key: AttachmentKey) -> bool:
+        return key in self._by_key
+
+    def desired(self, pods: Mapping[PodKey, Pod]) -> Desired:
+        routes, active = anycast_routes(self._anycast.values(), pods)
+        return combine(self._outside.keys(), routes, active)
 
 
 # ---- the loop -----------------------------------------------------------------------
@@ -167,7 +279,7 @@ class Reconciler:
         self,
         *,
         snapshot: Callable[[], Snapshot],
-        allocations: Callable[[], Sequence[Allocation]],
+        index: AllocationIndex,
         anycast: AnycastApplier | None = None,
         exports: ExportApplier | None = None,
         policy: PolicyApplier | None = None,
@@ -176,7 +288,7 @@ class Reconciler:
         on_pass: Callable[[Reconciler], None] | None = None,
     ) -> None:
         self._snapshot = snapshot
-        self._allocations = allocations
+        self.index = index
         self._anycast = anycast
         self._exports = exports
         self._policy = policy
@@ -257,8 +369,9 @@ class Reconciler:
         if force:
             self._last_full = now
         snap = self._snapshot()
-        allocs = self._allocations()
-        desired = compute_desired(allocs, snap.pods, snap.node_config)
+        self.index.set_node(snap.node_config)
+        allocs = self.index.all()
+        desired = self.index.desired(snap.pods)
         self.desired = desired
         ok = True
         routes = desired.anycast_routes

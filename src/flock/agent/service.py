@@ -144,9 +144,9 @@ class CniService:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
         # The store is not thread-safe and every write fsyncs: one writer thread.
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        # Attachments being deleted: excluded from the desired state so they are
-        # withdrawn before their veth goes.
-        self._deleting: set[AttachmentKey] = set()
+        # What the reconciler computes from: allocations whose network is built and
+        # that are not being deleted (a DEL withdraws before its veth goes).
+        self.index = reconciler.index
         self._inspect = inspect
         self.ready = False
 
@@ -154,9 +154,7 @@ class CniService:
 
     def allocations(self) -> list[Allocation]:
         """Allocations that should be live (the reconciler's input)."""
-        if not self._deleting:
-            return self.ipam.all()
-        return [a for a in self.ipam.all() if a.key not in self._deleting]
+        return self.index.all()
 
     async def run_kernel(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a blocking kernel call in the thread pool (reconcile appliers use it too)."""
@@ -259,6 +257,7 @@ class CniService:
                 # A repeated ADD (runtime retry after a lost reply): rebuild what is
                 # missing and answer the same result.
                 links = await self._build(existing, req)
+                self.index.put(existing)
                 await self.reconciler.sync()
                 return cni_result(links)
             t0 = time.perf_counter()
@@ -294,6 +293,7 @@ class CniService:
                 links = await self._persist_and_build(alloc, req)
                 t3 = time.perf_counter()
                 try:
+                    self.index.put(alloc)
                     outcome = await self.reconciler.sync()
                     if not outcome.policy_ok:
                         raise CniError(
@@ -376,6 +376,7 @@ class CniService:
             raise CniError(ERR_DATAPATH, f"removing the pod network failed: {e}") from e
 
     async def _undo_allocation(self, alloc: Allocation) -> None:
+        self.index.remove(alloc.key)
         self.ipam.release(alloc.key)
         try:
             await self._persist(self.store.record_delete, alloc.key)
@@ -395,22 +396,25 @@ class CniService:
             alloc = self.ipam.get(key)
             if alloc is not None:
                 # Withdraw (anycast, exports, policy) before the veth goes away.
-                self._deleting.add(key)
+                self.index.remove(key)
                 try:
                     await self.reconciler.sync()
                 except BaseException:
-                    self._deleting.discard(key)
+                    self.index.put(alloc)
                     raise
             try:
                 await self._teardown(
                     key,
                     alloc.host_ifname if alloc else host_veth_name(key.container_id, key.ifname),
                 )
+            except BaseException:
                 if alloc is not None:
-                    self.ipam.release(key)
-                    await self._persist(self.store.record_delete, key)
-            finally:
-                self._deleting.discard(key)
+                    self.index.put(alloc)  # still there: keep routing it
+                    self.reconciler.mark_dirty()
+                raise
+            if alloc is not None:
+                self.ipam.release(key)
+                await self._persist(self.store.record_delete, key)
             if alloc is not None:
                 log.info(
                     "DEL",

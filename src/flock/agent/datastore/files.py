@@ -250,6 +250,9 @@ class FilesDatastore:
         self._files: dict[str, _FileState] = {}
         # Merged view: key -> (value, file that provided it).
         self._objects: dict[ObjKey, tuple[Any, str]] = {}
+        # The same objects by kind, keyed (namespace, name), kept in step with _objects.
+        self._by_kind: dict[Kind, dict[PodKey, Any]] = {k: {} for k in Kind}
+        self._snap: Snapshot | None = None
         self._subscribers: list[asyncio.Queue[Event]] = []
         self._synced = asyncio.Event()
         self._inotify: _Inotify | None = None
@@ -289,6 +292,7 @@ class FilesDatastore:
         if self._inotify is not None:
             self._loop.add_reader(self._inotify.fd, self._on_inotify)
         self._synced.set()
+        self._snap = None
         self._emit(Event(None, EventType.RESYNC))
         self._task = asyncio.create_task(self._rescan_loop(), name="files-datastore-rescan")
 
@@ -312,27 +316,19 @@ class FilesDatastore:
         return True
 
     def snapshot(self) -> Snapshot:
-        nc_key: ObjKey = (Kind.NODE_CONFIG, "", self._node_name)
-        pods: dict[PodKey, Pod] = {}
-        namespaces: dict[str, Namespace] = {}
-        policies: dict[PodKey, Mapping[str, Any]] = {}
-        for (kind, ns, name), (value, _src) in self._objects.items():
-            if kind is Kind.POD:
-                pods[(ns, name)] = value
-            elif kind is Kind.NAMESPACE:
-                namespaces[name] = value
-            elif kind is Kind.NETWORK_POLICY:
-                policies[(ns, name)] = value
-        entry = self._objects.get(nc_key)
-        return Snapshot(
-            node_name=self._node_name,
-            node_config=entry[0] if entry else None,
-            node_config_error="" if entry else self._node_config_error(),
-            pods=pods,
-            namespaces=namespaces,
-            network_policies=policies,
-            synced=self.synced,
-        )
+        """The current view; cached until something changes (a pass per event stays cheap)."""
+        if self._snap is None:
+            entry = self._objects.get((Kind.NODE_CONFIG, "", self._node_name))
+            self._snap = Snapshot(
+                node_name=self._node_name,
+                node_config=entry[0] if entry else None,
+                node_config_error="" if entry else self._node_config_error(),
+                pods=self._by_kind[Kind.POD].copy(),
+                namespaces={k[1]: v for k, v in self._by_kind[Kind.NAMESPACE].items()},
+                network_policies=self._by_kind[Kind.NETWORK_POLICY].copy(),
+                synced=self.synced,
+            )
+        return self._snap
 
     def subscribe(self) -> asyncio.Queue[Event]:
         q: asyncio.Queue[Event] = asyncio.Queue()
@@ -415,6 +411,7 @@ class FilesDatastore:
     def _rescan_file(self, name: str) -> None:
         path = self._dir / name
         old = self._files.get(name)
+        self._snap = None  # error texts may change even when no object does
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -465,6 +462,8 @@ class FilesDatastore:
             entry = self._objects.get(key)
             if entry is not None and entry[1] == source:
                 del self._objects[key]
+                del self._by_kind[key[0]][(key[1], key[2])]
+                self._snap = None
                 self._emit(Event(key[0], EventType.DELETED, key[1], key[2]))
         for key, value in new.items():
             entry = self._objects.get(key)
@@ -474,11 +473,17 @@ class FilesDatastore:
                     extra={"object": f"{key[0]} {key[1]}/{key[2]}", "files": [entry[1], source]},
                 )
             if entry is None:
-                self._objects[key] = (value, source)
+                self._set(key, value, source)
                 self._emit(Event(key[0], EventType.ADDED, key[1], key[2]))
             elif entry[0] != value or entry[1] != source:
-                self._objects[key] = (value, source)
+                # Unchanged objects keep their identity (consumers cache by it).
+                self._set(key, value if entry[0] != value else entry[0], source)
                 self._emit(Event(key[0], EventType.MODIFIED, key[1], key[2]))
+
+    def _set(self, key: ObjKey, value: Any, source: str) -> None:
+        self._objects[key] = (value, source)
+        self._by_kind[key[0]][(key[1], key[2])] = value
+        self._snap = None
 
     def _emit(self, event: Event) -> None:
         for q in self._subscribers:
