@@ -44,6 +44,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -255,13 +256,10 @@ def install(
 
     if python is not None:
         check_python(python)
-        staging = bin_dir / f".flock-staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
+        with tempfile.TemporaryDirectory(prefix="flock-install-") as tmp:
+            staging = Path(tmp) / "tree"
             _script_tree(staging)
             name, changed = install_tree(staging, bin_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         if not (bin_dir / name / "__pycache__").is_dir():
             _precompile(bin_dir / name, python)
         entry = STUB.format(python=python, module=MODULE_NAME, link=TREE_LINK).encode()
