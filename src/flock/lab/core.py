@@ -794,14 +794,12 @@ def _anycast_checks(lab: Lab, ip: str, progress: Progress) -> list[CheckResult]:
                 "64 flows: " + ", ".join(f"{n} {c}" for n, c in sorted(spread.items())),
             )
         )
-    victim = next((p for p in replicas if p.ready), None)
+    # A replica that is the only Ready one on its node: flipping it must move the router.
+    per_node = {n: sum(p.node == n and p.ready for p in replicas) for n in ready_nodes}
+    victim = next((p for p in replicas if p.ready and per_node[p.node] == 1), None)
     if victim is None:
         return out
-    rest = (
-        ready_nodes - {victim.node}
-        if sum(p.node == victim.node and p.ready for p in replicas) == 1
-        else ready_nodes
-    )
+    rest = ready_nodes - {victim.node}
     t0 = time.monotonic()
     ready(lab.name, victim.key, False)
     try:

@@ -330,19 +330,22 @@ def _check_prefixes(topo: Topology) -> list[str]:
     owned: list[tuple[IPNetwork, str]] = [
         (a.network, "the router LAN") for a in topo.router.addresses
     ]
-    for n in topo.nodes:
-        for c in n.cidrs:
-            for other, who in owned:
-                if c.version == other.version and c.overlaps(other):
-                    out.append(f"nodes ({n.name}): pod prefix {c} overlaps {other} of {who}")
-            owned.append((c, f"node {n.name}"))
-    for n in topo.nodes:
+    for i, n in enumerate(topo.nodes):
+        for field, cidrs in (("cidr6", n.cidr6), ("cidr4", n.cidr4)):
+            for c in cidrs:
+                for other, who in owned:
+                    if c.version == other.version and c.overlaps(other):
+                        where = f"nodes[{i}] ({n.name}).{field}"
+                        out.append(f"{where}: pod prefix {c} overlaps {other} of {who}")
+                owned.append((c, f"node {n.name}"))
+    for i, n in enumerate(topo.nodes):
         for j, entry in enumerate(n.allowed_addresses):
             for other, who in owned:
                 if entry.cidr.version == other.version and entry.cidr.overlaps(other):
                     out.append(
-                        f"nodes ({n.name}).allowedAddresses[{j}]: {entry.cidr} overlaps {other} "
-                        f"of {who}; claimable addresses must lie outside pod prefixes and the LAN"
+                        f"nodes[{i}] ({n.name}).allowedAddresses[{j}]: {entry.cidr} overlaps "
+                        f"{other} of {who}; claimable addresses must lie outside pod prefixes "
+                        "and the LAN"
                     )
     return out
 
