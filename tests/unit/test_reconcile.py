@@ -187,7 +187,9 @@ class Recorder:
     async def apply_anycast(self, routes: Mapping[IPAddress, frozenset[Nexthop]]) -> None:
         self.anycast.append(routes)
 
-    async def apply_exports(self, node: NodeConfig, exports: frozenset[IPNetwork]) -> None:
+    async def apply_exports(
+        self, node: NodeConfig, exports: frozenset[IPNetwork], *, full: bool = False
+    ) -> None:
         if self.fail_exports:
             self.fail_exports -= 1
             raise ConnectionError("BIRD is down")

@@ -96,11 +96,23 @@ class KernelAnycast:
 
 
 class BirdExports:
+    """Full `sync` when the NodeConfig changed or a resync is due; otherwise the delta
+    through `update`, BIRD's hot path (a withdraw is one kernel-table delete)."""
+
     def __init__(self, controller: Any) -> None:
         self.controller = controller
+        self._last: tuple[NodeConfig, frozenset[IPNetwork]] | None = None
 
-    async def apply_exports(self, node: NodeConfig, exports: frozenset[IPNetwork]) -> None:
-        await self.controller.sync(node, exports)
+    async def apply_exports(
+        self, node: NodeConfig, exports: frozenset[IPNetwork], *, full: bool = False
+    ) -> None:
+        last = self._last
+        self._last = None  # unknown until this call succeeds
+        if full or last is None or last[0] != node:
+            await self.controller.sync(node, exports)
+        else:
+            await self.controller.update(add=exports - last[1], remove=last[1] - exports)
+        self._last = (node, exports)
 
 
 class NftPolicy:

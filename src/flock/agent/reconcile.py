@@ -239,8 +239,14 @@ class AnycastApplier(Protocol):
 
 
 class ExportApplier(Protocol):
-    async def apply_exports(self, node: NodeConfig, exports: frozenset[IPNetwork]) -> None:
-        """Make BIRD export the node's aggregates plus exactly `exports`."""
+    async def apply_exports(
+        self, node: NodeConfig, exports: frozenset[IPNetwork], *, full: bool = False
+    ) -> None:
+        """Make BIRD export the node's aggregates plus exactly `exports`.
+
+        `full`: re-check everything (start-up, periodic resync, after a failure)
+        rather than trusting what was applied last.
+        """
 
 
 class PolicyApplier(Protocol):
@@ -384,7 +390,9 @@ class Reconciler:
         if self._exports is not None and node is not None:
             want = (node, desired.exports)
             if force or want != self._applied_exports:
-                if await self._apply("exports", self._exports.apply_exports(node, desired.exports)):
+                if await self._apply(
+                    "exports", self._exports.apply_exports(node, desired.exports, full=force)
+                ):
                     self._applied_exports = want
                 else:
                     ok = False
