@@ -170,6 +170,13 @@ def test_cidr_sub_ranges_inside_node_range() -> None:
     assert r.v4.ranges == (net("192.0.2.64/26"),)
 
 
+def test_cidr_tiny_sub_range_away_from_network_and_broadcast() -> None:
+    assert parse({"cidr4": "192.0.2.10/31, 192.0.2.7/32"}).v4.ranges == (
+        net("192.0.2.10/31"),
+        net("192.0.2.7/32"),
+    )
+
+
 def test_cidr_equal_to_node_range_is_allowed() -> None:
     assert parse({"cidr4": "192.0.2.0/24"}).v4.ranges == (net("192.0.2.0/24"),)
 
@@ -195,6 +202,8 @@ def test_cidr_inside_second_node_range() -> None:
         ("cidr6", "bogus/64", "bogus/64", "not a network"),
         ("cidr4", "192.0.2.0/33", "192.0.2.0/33", "not a network"),
         ("cidr4", "192.0.2.0/24 192.0.2.0/25", "192.0.2.0/24 192.0.2.0/25", "not a network"),
+        ("cidr4", "192.0.2.255/32", "192.0.2.255/32", "broadcast address of 192.0.2.0/24"),
+        ("cidr4", "192.0.2.0/31", "192.0.2.0/31", "network or broadcast"),
     ],
 )
 def test_cidr_errors_name_key_and_token(key: str, value: str, token: str, why: str) -> None:

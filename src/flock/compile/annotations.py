@@ -147,11 +147,28 @@ def _parse_cidrs(key: str, value: str, version: int, node: NodeConfig) -> tuple[
             raise AnnotationError(
                 _full(key), token, f"node {node.name} has no {field} to take a sub-range of"
             )
-        if not any(net.subnet_of(r) for r in node_ranges):  # type: ignore[arg-type]
+        parent = next((r for r in node_ranges if net.subnet_of(r)), None)  # type: ignore[arg-type]
+        if parent is None:
             shown = ", ".join(str(r) for r in node_ranges)
             raise AnnotationError(
                 _full(key), token, f"not inside node {node.name}'s {field} ({shown})"
             )
+        # IPAM never hands out the network or broadcast address of a v4 range; in a
+        # /31 or /32 sub-range every address is usable, so such a sub-range must not
+        # hold the node range's network or broadcast address.
+        if (
+            isinstance(net, ipaddress.IPv4Network)
+            and isinstance(parent, ipaddress.IPv4Network)
+            and net.prefixlen >= 31
+            and parent.prefixlen < 31
+        ):
+            for special in (parent.network_address, parent.broadcast_address):
+                if special in net:
+                    raise AnnotationError(
+                        _full(key),
+                        token,
+                        f"contains {special}, the network or broadcast address of {parent}",
+                    )
         out.append(net)
     return tuple(out)
 
