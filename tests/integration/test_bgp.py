@@ -365,3 +365,59 @@ def test_wrong_md5_password_keeps_the_session_down(lab: Lab) -> None:
         pw.write_text(PASSWORD + "\n")
         lab.run(n1.ctl.restore())
     all_established(lab, timeout=60)
+
+
+# ---- the controller against BIRD alone: the export table and BIRD's view follow sync/update.
+
+
+def _bird_routes(ctl: BirdController, loop: asyncio.AbstractEventLoop) -> dict[int, int]:
+    return loop.run_until_complete(ctl.exported_count())
+
+
+def test_controller_table_follows_sync_update_allow_list_and_agent_restart() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="fbctl"))
+    ns = netns.unique_name("fbc", 8)
+    netns.create(ns)
+    loop = asyncio.new_event_loop()
+    bird = BirdDaemon(ns, workdir)
+    ctl = ctl2 = None
+    try:
+        bird.start()
+        ctl = BirdController(config_path=bird.config_path, socket_path=bird.socket_path, netns=ns)
+        cfg = node_config(2, workdir)
+        many = {N(f"2001:db8:a::{i:x}/128") for i in range(1, 601)} | {N("198.51.100.7/32")}
+        res = loop.run_until_complete(ctl.sync(cfg, many | {N("203.0.113.1/32")}))
+        assert res.rejected == [N("203.0.113.1/32")] and res.added == 601 and res.configured
+        assert ctl.table.dump() == many
+        wait_until("BIRD learned", lambda: _bird_routes(ctl, loop), lambda c: c == {6: 600, 4: 1})
+
+        one = N("2001:db8:a::1/128")
+        res = loop.run_until_complete(ctl.update(remove={one}))
+        assert res.removed == 1 and not res.configured and one not in ctl.table.dump()
+        res = loop.run_until_complete(ctl.update(remove={one}))  # already gone: a no-op
+        assert res.removed == 0
+        loop.run_until_complete(ctl.update(add={one, N("2001:db8:b::1/128")}))
+        assert one in ctl.table.dump() and N("2001:db8:b::1/128") not in ctl.table.dump()
+
+        # The operator narrows the allow-list: what it no longer covers is withdrawn.
+        spec = cfg.spec.model_copy(update={"allowed_addresses": cfg.spec.allowed_addresses[:1]})
+        narrowed = cfg.model_copy(update={"spec": spec})
+        res = loop.run_until_complete(ctl.sync(narrowed, many))
+        assert res.rejected == [N("198.51.100.7/32")] and res.configured
+        assert ctl.table.dump() == many - {N("198.51.100.7/32")}
+        wait_until("v4 gone", lambda: _bird_routes(ctl, loop), lambda c: c == {6: 600, 4: 0})
+
+        # A new agent (restart) with a smaller desired set removes what it no longer wants.
+        ctl2 = BirdController(config_path=bird.config_path, socket_path=bird.socket_path, netns=ns)
+        keep = {one}
+        res = loop.run_until_complete(ctl2.sync(narrowed, keep))
+        assert res.removed == 599 and ctl2.table.dump() == keep
+        wait_until("BIRD follows", lambda: _bird_routes(ctl2, loop), lambda c: c[6] == 1)
+    finally:
+        for c in (ctl, ctl2):
+            if c is not None:
+                loop.run_until_complete(c.close())
+        loop.close()
+        bird.stop()
+        netns.delete(ns)
+        shutil.rmtree(workdir, ignore_errors=True)

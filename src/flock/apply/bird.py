@@ -332,7 +332,7 @@ class BirdController:
 
     `sync(node, exports)` is cheap to call on every change: the config is
     re-rendered only when the NodeConfig (or a password, or the node's
-    addresses after `refresh_addresses`) changed; otherwise only the export
+    addresses after `refresh`) changed; otherwise only the export
     set is diffed against what was last applied, withdrawals first.
     """
 
@@ -454,8 +454,11 @@ class BirdController:
                 ", ".join(map(str, result.rejected[:10])),
             )
 
-    async def refresh_addresses(self) -> bool:
-        """Re-read the node's addresses (source address selection); re-configures if it matters."""
+    async def refresh(self) -> bool:
+        """Re-read the node's addresses and the peers' passwords; configures if the text changed.
+
+        Call it when an address on the node changes or a password Secret is rotated.
+        """
         async with self._sync_lock:
             self._local = list(await self._addresses())
             if self._node is None:
