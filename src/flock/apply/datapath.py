@@ -42,7 +42,6 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Mapping, Sequence
 
 from flock.apply import rtnl
@@ -121,6 +120,7 @@ class Datapath:
         self._lock = threading.Lock()
         self._sockets: list[RtnlSocket] = []
         self._reap_wanted = threading.Event()
+        self._stop = threading.Event()
         self._stopping = False
         self._reaper: threading.Thread | None = None
 
@@ -140,6 +140,7 @@ class Datapath:
         with self._lock:
             self._stopping = True
             reaper = self._reaper
+        self._stop.set()
         self._reap_wanted.set()
         if reaper is not None:
             reaper.join()
@@ -349,8 +350,7 @@ class Datapath:
         try:
             while True:
                 self._reap_wanted.wait()
-                if not self._stopping:
-                    time.sleep(self.reap_delay)  # gather a batch
+                self._stop.wait(self.reap_delay)  # gather a batch; close() cuts it short
                 self._reap_wanted.clear()
                 try:
                     self._reap_with(sock)
