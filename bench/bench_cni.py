@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -233,21 +234,23 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
         # Where the time goes: plugin start-up alone, and the agent alone.
         version = [node.cni("VERSION", ifname="").seconds for _ in range(30)]
         agent_add, agent_del = [], []
-        p = bench_pods[0]
-        for _ in range(30):
-            cid = uuid.uuid4().hex
-            msg = {
+        msgs = [
+            {
                 "command": "ADD",
-                "containerID": cid,
+                "containerID": uuid.uuid4().hex,
                 "netns": p.netns_path,
                 "ifname": "eth0",
                 "args": {"K8S_POD_NAMESPACE": "bench", "K8S_POD_NAME": p.name},
                 "config": node.network_config(),
             }
+            for p in bench_pods[:30]
+        ]
+        for msg in msgs:
             t0 = time.perf_counter()
             rep = rpc.call(node.socket, msg)
             agent_add.append(time.perf_counter() - t0)
             assert "result" in rep, rep
+        for msg in msgs:
             msg["command"] = "DEL"
             t0 = time.perf_counter()
             rpc.call(node.socket, msg)
@@ -262,6 +265,64 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
             "agent_del": agent_del,
         }
     finally:
+        node.destroy()
+
+
+# ---- readiness flip -> anycast route withdrawn --------------------------------------------
+
+
+def run_readiness(flips: int) -> dict[str, list[float]]:
+    """Time from the pod manifest's Ready flip (the rename that publishes it) to the
+    kernel's route change, seen by `ip monitor route` in the node namespace."""
+    node = TestNode.create(PREFIX)
+    mon = None
+    try:
+        node.set_node_config(
+            {
+                "cidr6": ["2001:db8:f001::/64"],
+                "cidr4": ["10.1.0.0/16"],
+                "allowedAddresses": [{"cidr": "2001:db8:a::/48", "use": ["anycast"]}],
+            }
+        )
+        node.start_agent()
+        pod = node.add_pod("dns", annotations={"anycast": "2001:db8:a::53"})
+        mon = subprocess.Popen(
+            ["ip", "netns", "exec", node.name, "ip", "-6", "monitor", "route"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        events: list[tuple[float, str]] = []
+        cv = threading.Condition()
+
+        def reader() -> None:
+            assert mon is not None and mon.stdout is not None
+            for line in mon.stdout:
+                with cv:
+                    events.append((time.perf_counter(), line))
+                    cv.notify_all()
+
+        threading.Thread(target=reader, daemon=True).start()
+        time.sleep(0.3)
+        withdraw, restore = [], []
+        for i in range(flips * 2):
+            ready = i % 2 == 1
+            with cv:
+                n = len(events)
+            t0 = time.perf_counter()
+            node.set_ready(pod, ready)
+            want = "2001:db8:a::53" if ready else "Deleted 2001:db8:a::53"
+            with cv:
+                ok = cv.wait_for(lambda n=n, w=want: any(w in ln for _, ln in events[n:]), 5)
+                if not ok:
+                    raise RuntimeError("route change not seen within 5 s")
+                t1 = next(t for t, ln in events[n:] if want in ln)
+            (restore if ready else withdraw).append(t1 - t0)
+            time.sleep(0.02)
+        return {"withdraw": withdraw, "restore": restore}
+    finally:
+        if mon is not None:
+            mon.terminate()
+            mon.wait(5)
         node.destroy()
 
 
@@ -292,6 +353,7 @@ def main() -> int:
     ap.add_argument("--ref-churn", type=int, default=10)
     ap.add_argument("--ref-churn16", type=int, default=32)
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--flips", type=int, default=50, help="readiness flips to time (0: skip)")
     ap.add_argument("--agent-arg", action="append", default=[], help="extra flock agent flag")
     ap.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -336,15 +398,22 @@ def main() -> int:
     print()
     print(f"pods: flock {a.pods}, reference {a.ref_pods}")
     print("where flock's ADD time goes (p50):")
-    print(
-        f"  plugin exec + interpreter start-up (VERSION, no agent) {ms(pct(fl['plugin_startup'], 50))} ms"
+    rows2 = (
+        ("plugin exec + interpreter start-up (VERSION, no agent)", fl["plugin_startup"]),
+        ("agent alone: ADD over the socket, fresh pod netns", fl["agent_add"]),
+        ("agent alone: DEL over the socket", fl["agent_del"]),
     )
-    print(
-        f"  agent alone, ADD over the socket                      {ms(pct(fl['agent_add'], 50))} ms"
-    )
-    print(
-        f"  agent alone, DEL over the socket                      {ms(pct(fl['agent_del'], 50))} ms"
-    )
+    for label, xs in rows2:
+        print(f"  {label:<56}{ms(pct(xs, 50)):>7} ms")
+    if a.flips:
+        rd = run_readiness(a.flips)
+        w, r = rd["withdraw"], rd["restore"]
+        print()
+        print(
+            f"readiness flip (manifest renamed into place) -> kernel anycast route, {a.flips} each:"
+        )
+        print(f"  not Ready -> route deleted   p50 {ms(pct(w, 50))} ms  p99 {ms(pct(w, 99))} ms")
+        print(f"  Ready     -> route added     p50 {ms(pct(r, 50))} ms  p99 {ms(pct(r, 99))} ms")
     return 0
 
 
