@@ -251,7 +251,7 @@ def test_default_topology_through_the_cli(capsys: pytest.CaptureFixture[str]) ->
     try:
         assert cli.main(["up", "--name", name]) == 0
         out = capsys.readouterr().out
-        assert f"lab {name} is up" in out and "flock lab status" in out
+        assert f"lab '{name}' is up" in out and "flock lab status" in out
         rc = cli.main(["test", "--name", name])
         out = capsys.readouterr().out
         assert rc == 0, out

@@ -362,3 +362,66 @@ def test_graph_renders_svg(tmp_path: Path) -> None:
 def test_check_table() -> None:
     out = render_checks([CheckResult("a", True, "fine"), CheckResult("b", False, "broken")])
     assert "PASS    a" in out and "FAIL    b" in out and "1/2 checks passed" in out
+
+
+# -- the router's view, from FRR's JSON (shape as FRR 8.4 prints it) -------------------
+
+
+def _summary_json() -> dict[str, Any]:
+    def peer(state: str, pfx: int) -> dict[str, Any]:
+        return {"state": state, "pfxRcd": pfx, "peerUptime": "00:01:02", "remoteAs": 65101}
+
+    return {
+        "ipv4Unicast": {"routerId": "198.18.0.1", "peers": {"198.18.0.11": peer("Established", 3)}},
+        "ipv6Unicast": {
+            "peers": {
+                "fd00:f10c::11": peer("Established", 3),
+                "fd00:f10c::12": peer("Active", 0),
+            }
+        },
+    }
+
+
+def test_sessions_cover_every_configured_peer() -> None:
+    from flock.lab.router import parse_summary
+
+    sessions = parse_summary(default_topology(), _summary_json())
+    assert len(sessions) == 6  # three nodes, two families, also those FRR did not list
+    by_peer = {s.peer: s for s in sessions}
+    assert by_peer["198.18.0.11"].node == "node1"
+    assert by_peer["198.18.0.11"].state == "Established"
+    assert by_peer["198.18.0.11"].prefixes_received == 3
+    assert by_peer["fd00:f10c::12"].state == "Active"
+    assert by_peer["fd00:f10c::13"].state == "(none)"
+    assert by_peer["198.18.0.13"].family == "ipv4"
+
+
+def test_routes_named_by_node_and_kind() -> None:
+    from flock.lab.router import parse_routes
+
+    routes = parse_routes(
+        default_topology(),
+        {
+            "198.18.100.53/32": {"198.18.0.12", "198.18.0.11"},
+            "fd00:f10c:1::/64": {"fd00:f10c::11"},
+            "fd00:f10c:b::80/128": {"fd00:f10c::11"},
+            "fd00:f10c:2:0:1::7/128": {"fd00:f10c::12"},
+        },
+    )
+    assert [(r.prefix, r.kind) for r in routes] == [
+        ("fd00:f10c:1::/64", "node prefix"),
+        ("198.18.100.53/32", "anycast"),
+        ("fd00:f10c:b::80/128", "addresses"),
+        ("fd00:f10c:2:0:1::7/128", "pod"),  # a host route inside a node prefix
+    ]
+    assert routes[1].nexthops == [("198.18.0.11", "node1"), ("198.18.0.12", "node2")]
+
+
+def test_router_config_retries_every_node_session() -> None:
+    from flock.lab.router import connect_retry, neighbors
+
+    topo = default_topology()
+    assert len(neighbors(topo)) == 6
+    lines = connect_retry(topo)
+    assert lines[0] == "router bgp 65000"
+    assert " neighbor 198.18.0.13 timers connect 1" in lines
