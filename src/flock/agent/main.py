@@ -440,6 +440,9 @@ class Agent:
     async def stop(self) -> None:
         for server, path in self._servers:
             await rpc.close_and_unlink(server, path)
+        # Let verbs already running finish: a half-done ADD would only be rolled back.
+        if hasattr(self, "service") and not await self.service.drain(10.0):
+            log.warning("shutting down with CNI verbs still running; they will be rolled back")
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

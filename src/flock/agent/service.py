@@ -149,6 +149,9 @@ class CniService:
         self.index = reconciler.index
         self._inspect = inspect
         self.ready = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ---- plumbing -------------------------------------------------------------
 
@@ -176,6 +179,8 @@ class CniService:
         """The RPC handler (`flock.agent.rpc.serve`): the result body, or raises CniError."""
         start = time.perf_counter()
         result = "error"
+        self._inflight += 1
+        self._idle.clear()
         try:
             body = await self._dispatch(req)
             result = "ok"
@@ -195,9 +200,20 @@ class CniService:
             )
             raise
         finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._idle.set()
             if self.metrics is not None:
                 self.metrics.observe_op(req.command, result, time.perf_counter() - start)
                 self.metrics.set_allocations(self.ipam.all())
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait for in-flight verbs to finish (shutdown); False if some did not in time."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def _dispatch(self, req: CniRequest) -> dict[str, Any]:
         if req.command == "ADD":
