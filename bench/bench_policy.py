@@ -194,13 +194,22 @@ def bench_sync(n_local: int, nft_kind: str, repeat: int) -> dict[str, Any]:
     eng = PolicyEngine(nft)
     eng.sync(base)
     inc: dict[str, float] = {}
+    split: dict[str, tuple[float, float]] = {}
     for name, nxt in changes(base):
         ts = []
+        parts = []
         for _ in range(repeat):
             ts.append(timed(lambda n=nxt: eng.sync(n)))  # type: ignore[misc]
+            st = eng.status()
+            parts.append((st["last_compile_s"], st["last_apply_s"]))
             eng.sync(base)
         inc[name] = statistics.median(ts)
+        split[name] = (
+            statistics.median(p[0] for p in parts),
+            statistics.median(p[1] for p in parts),
+        )
     out["incremental_s"] = inc
+    out["incremental_split_s"] = split
     out["status"] = eng.status()
     out["full_fallbacks"] = eng.status()["full_syncs"]
     out["rss_mb"] = rss_mb()
@@ -381,6 +390,12 @@ def main() -> None:
             f"{inc['change one policy'] * 1e3:>6.1f}ms {inc['delete one pod'] * 1e3:>6.1f}ms "
             f"{r['rss_mb']:>5.0f}MB"
         )
+    print("incremental, compile + nft apply (ms):")
+    for r in rows:
+        parts = ", ".join(
+            f"{k} {c * 1e3:.1f}+{a * 1e3:.1f}" for k, (c, a) in r["incremental_split_s"].items()
+        )
+        print(f"  {r['local_pods']:>5} {r['nft']:>4}: {parts}")
     print("(RSS: the whole process holding the 10k-pod/1k-policy state and its ruleset;")
     print(
         " nft 'lib' keeps libnftables' ruleset cache in-process, 'cli' forks nft per transaction)"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,15 +137,23 @@ def _merge(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _ntop(fam: int, packed: bytes) -> str:
+    """Address text, as `str(ipaddress…)` gives it but several times faster (libc)."""
+    return socket.inet_ntop(socket.AF_INET if fam == 4 else socket.AF_INET6, packed)
+
+
+def _text(fam: int, value: int) -> str:
+    return _ntop(fam, value.to_bytes(4 if fam == 4 else 16, "big"))
+
+
 def _render_range(fam: int, s: int, e: int) -> str:
-    mk = ipaddress.IPv4Address if fam == 4 else ipaddress.IPv6Address
     if s == e:
-        return str(mk(s))
+        return _text(fam, s)
     size = e - s + 1
     if size & (size - 1) == 0 and s % size == 0:
         bits = 32 if fam == 4 else 128
-        return f"{mk(s)}/{bits - size.bit_length() + 1}"
-    return f"{mk(s)}-{mk(e)}"
+        return f"{_text(fam, s)}/{bits - size.bit_length() + 1}"
+    return f"{_text(fam, s)}-{_text(fam, e)}"
 
 
 # ---------------------------------------------------------------------------
@@ -183,10 +192,6 @@ def _peers_key(peers: tuple[Peer, ...], policy_ns: str) -> str:
     return f"{ns}#{'|'.join(parts)}"
 
 
-def pod_chain_id(pod: Pod) -> str:
-    return _digest(f"{pod.namespace}/{pod.name}")
-
-
 # ---------------------------------------------------------------------------
 # Incremental state: pods indexed, peer sets kept up to date element by element
 
@@ -197,14 +202,15 @@ PodKey = tuple[str, str]
 class _PodInfo:
     """What the compiler needs from one pod, computed once per pod object."""
 
-    __slots__ = ("addrs", "named", "pod")
+    __slots__ = ("addrs", "gen", "named", "pod")
 
     def __init__(self, pod: Pod) -> None:
         self.pod = pod
+        self.gen = 0  # the compile round that last saw this pod
         # family -> [(int, text)]
         self.addrs: dict[int, list[tuple[int, str]]] = {4: [], 6: []}
         for ip in pod.ips:
-            self.addrs[ip.version].append((int(ip), str(ip)))
+            self.addrs[ip.version].append((int(ip), _ntop(ip.version, ip.packed)))
         # (name, proto, fam) -> {"addr . port"}
         self.named: dict[tuple[str, Proto, int], set[str]] = {}
         for cp in pod.container_ports:
@@ -305,6 +311,15 @@ class PolicyCompiler:
 
     def __init__(self) -> None:
         self._ns_labels: dict[str, Mapping[str, str]] = {}
+        self._gen = 0
+        self._ns_policies: dict[str, tuple[NetworkPolicy, ...]] = {}
+        self._locals: dict[str, _LocalOut] = {}  # by host veth name
+        self._out_chains: dict[str, tuple[str, ...]] = {}
+        self._out_comments: dict[str, str] = {}
+        self._out_ingress: dict[str, str] = {}
+        self._out_egress: dict[str, str] = {}
+        self._uses: dict[str, int] = {}  # set name -> number of chains using it
+        self._by_id: dict[int, _PodInfo] = {}  # id(pod object) -> info, for the fast path
         self._infos: dict[PodKey, _PodInfo] = {}
         self._by_ns: dict[str, dict[PodKey, _PodInfo]] = defaultdict(dict)
         self._by_label: dict[tuple[str, str, str], dict[PodKey, _PodInfo]] = defaultdict(dict)
@@ -312,7 +327,6 @@ class PolicyCompiler:
         self._named_cache: dict[tuple[str, Proto, int], frozenset[str]] = {}
         self._peer_sets: dict[str, _PeerSet] = {}
         self._peer_names: dict[tuple[int, int], tuple[tuple[Peer, ...], str | None]] = {}
-        self._chains: dict[tuple[int, str], tuple[Pod, tuple[NetworkPolicy, ...], _Chain]] = {}
 
     # -- pods and namespaces ---------------------------------------------------
 
@@ -355,6 +369,7 @@ class PolicyCompiler:
 
     def _index(self, key: PodKey, old: _PodInfo | None, new: _PodInfo | None) -> None:
         if old is not None:
+            self._by_id.pop(id(old.pod), None)
             del self._by_ns[key[0]][key]
             for k, v in old.pod.labels.items():
                 del self._by_label[(key[0], k, v)][key]
@@ -366,6 +381,7 @@ class PolicyCompiler:
                         del counts[e]
                 self._named_cache.pop(nk, None)
         if new is not None:
+            self._by_id[id(new.pod)] = new
             self._by_ns[key[0]][key] = new
             for k, v in new.pod.labels.items():
                 self._by_label[(key[0], k, v)][key] = new
@@ -383,22 +399,32 @@ class PolicyCompiler:
 
     def _set_pods(self, pods: Sequence[Pod]) -> None:
         infos = self._infos
+        self._gen += 1
+        gen = self._gen
         before = len(infos)
         unchanged = 0
+        by_id = self._by_id
         for p in pods:
+            hit = by_id.get(id(p))
+            if hit is not None and hit.pod is p:  # the same object as last time
+                hit.gen = gen
+                unchanged += 1
+                continue
             if p.host_network:
                 continue  # its addresses are the node's: never a pod peer
             key = (p.namespace, p.name)
             old = infos.get(key)
             if old is not None and old.pod is p:
+                old.gen = gen
                 unchanged += 1
             else:
-                self._index(key, old, _PodInfo(p))
+                info = _PodInfo(p)
+                info.gen = gen
+                self._index(key, old, info)
                 if old is not None:
                     unchanged += 1  # replaced, not added
-        if unchanged < before:  # some pods are gone: find them
-            keep = {(p.namespace, p.name) for p in pods if not p.host_network}
-            for key in [k for k in infos if k not in keep]:
+        if unchanged < before:  # some pods are gone: the ones this round did not see
+            for key in [k for k, info in infos.items() if info.gen != gen]:
                 self._index(key, infos[key], None)
 
     # -- sets --------------------------------------------------------------------
@@ -476,52 +502,99 @@ class PolicyCompiler:
         lines.append("drop")
         return _Chain(tuple(lines), frozenset(uses))
 
+    def _local_out(
+        self, lp: LocalPod, ns_pols: tuple[NetworkPolicy, ...], old: _LocalOut | None
+    ) -> _LocalOut:
+        pod = lp.pod
+        selecting = [p for p in ns_pols if p.selects(pod)]
+        cid = _digest(f"{pod.namespace}/{pod.name}/{lp.ifname}")
+        made: list[_PodChain] = []
+        for direction, ptype in (("in", "Ingress"), ("out", "Egress")):
+            pols = tuple(p for p in selecting if ptype in p.policy_types)
+            if not pols:
+                continue
+            prev = next((c for c in old.chains if c.direction == direction), None) if old else None
+            if (
+                prev is not None
+                and old is not None
+                and old.pod is pod
+                and len(prev.policies) == len(pols)
+                and all(a is b for a, b in zip(prev.policies, pols, strict=True))
+            ):
+                made.append(prev)
+                continue
+            word = "ingress" if direction == "in" else "egress"
+            made.append(
+                _PodChain(
+                    direction=direction,
+                    name=f"{'in' if direction == 'in' else 'eg'}_{cid}",
+                    comment=f"{word} {pod.namespace}/{pod.name}",
+                    policies=pols,
+                    chain=self._chain(pod, pols, direction),
+                )
+            )
+        return _LocalOut(pod, lp.ifname, tuple(made))
+
+    def _install(self, out: _LocalOut) -> None:
+        for c in out.chains:
+            self._out_chains[c.name] = c.chain.lines
+            self._out_comments[c.name] = c.comment
+            (self._out_ingress if c.direction == "in" else self._out_egress)[out.ifname] = c.name
+            for u in c.chain.uses:
+                self._uses[u] = self._uses.get(u, 0) + 1
+
+    def _retract(self, out: _LocalOut) -> None:
+        for c in out.chains:
+            del self._out_chains[c.name]
+            del self._out_comments[c.name]
+            del (self._out_ingress if c.direction == "in" else self._out_egress)[out.ifname]
+            for u in c.chain.uses:
+                self._uses[u] -= 1
+                if not self._uses[u]:
+                    del self._uses[u]
+
     # -- the whole ruleset -------------------------------------------------------------
 
     def compile(self, inputs: PolicyInputs) -> Ruleset:
         self._set_namespaces(inputs.namespaces)
         self._set_pods(inputs.pods)
-        by_ns: dict[str, list[NetworkPolicy]] = defaultdict(list)
+        grouped: dict[str, list[NetworkPolicy]] = defaultdict(list)
         for pol in sorted(inputs.policies, key=lambda p: p.key):
-            by_ns[pol.namespace].append(pol)
-        chains: dict[str, tuple[str, ...]] = {}
-        comments: dict[str, str] = {}
-        ingress: dict[str, str] = {}
-        egress: dict[str, str] = {}
-        uses: set[str] = set()
-        live: dict[tuple[int, str], tuple[Pod, tuple[NetworkPolicy, ...], _Chain]] = {}
-        for lp in sorted(inputs.local_pods, key=lambda lp: lp.ifname):
+            grouped[pol.namespace].append(pol)
+        by_ns = {ns: tuple(pols) for ns, pols in grouped.items()}
+        prev = self._ns_policies
+        same_ns: dict[str, bool] = {}
+
+        def unchanged(ns: str) -> bool:
+            hit = same_ns.get(ns)
+            if hit is None:
+                old, new = prev.get(ns, ()), by_ns.get(ns, ())
+                hit = len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+                same_ns[ns] = hit
+            return hit
+
+        # Local pods: only those whose pod object, veth or namespace policies changed
+        # are recompiled; the output dicts are patched in place.
+        outs: dict[str, _LocalOut] = {}
+        for lp in inputs.local_pods:
             pod = lp.pod
-            if pod.host_network:
+            if pod.host_network or lp.ifname in outs:
+                continue  # no veth of ours / a duplicate entry: the first one wins
+            old = self._locals.get(lp.ifname)
+            if old is not None and old.pod is pod and unchanged(pod.namespace):
+                outs[lp.ifname] = old
                 continue
-            selecting = [p for p in by_ns.get(pod.namespace, ()) if p.selects(pod)]
-            cid = pod_chain_id(pod)
-            for direction, ptype, mapping in (
-                ("in", "Ingress", ingress),
-                ("out", "Egress", egress),
-            ):
-                pols = tuple(p for p in selecting if ptype in p.policy_types)
-                if not pols:
-                    continue
-                ckey = (id(pod), direction)
-                hit = self._chains.get(ckey)
-                if (
-                    hit is not None
-                    and hit[0] is pod
-                    and len(hit[1]) == len(pols)
-                    and all(a is b for a, b in zip(hit[1], pols, strict=True))
-                ):
-                    chain = hit[2]
-                else:
-                    chain = self._chain(pod, pols, direction)
-                live[ckey] = (pod, pols, chain)
-                name = f"{'in' if direction == 'in' else 'eg'}_{cid}"
-                chains[name] = chain.lines
-                word = "ingress" if direction == "in" else "egress"
-                comments[name] = f"{word} {pod.namespace}/{pod.name}"
-                mapping[lp.ifname] = name
-                uses |= chain.uses
-        self._chains = live
+            out = self._local_out(lp, by_ns.get(pod.namespace, ()), old)
+            if old is not None:
+                self._retract(old)
+            self._install(out)
+            outs[lp.ifname] = out
+        for ifname, old in self._locals.items():
+            if ifname not in outs:
+                self._retract(old)
+        self._locals = outs
+        self._ns_policies = by_ns
+        uses = self._uses
         sets: dict[str, NftSet] = {}
         for name in uses:
             ps = self._peer_sets.get(name)
@@ -538,13 +611,37 @@ class PolicyCompiler:
         for name in [n for n in self._peer_sets if n not in uses]:
             del self._peer_sets[name]
         self._peer_names = {k: v for k, v in self._peer_names.items() if v[1] in uses}
-        return Ruleset(sets=sets, chains=chains, comments=comments, ingress=ingress, egress=egress)
+        return Ruleset(
+            sets=sets,
+            chains=dict(self._out_chains),
+            comments=dict(self._out_comments),
+            ingress=dict(self._out_ingress),
+            egress=dict(self._out_egress),
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class _Chain:
     lines: tuple[str, ...]
     uses: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _PodChain:
+    direction: str  # "in" | "out"
+    name: str
+    comment: str
+    policies: tuple[NetworkPolicy, ...]  # the selecting policies it was built from
+    chain: _Chain
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalOut:
+    """What one local pod contributes to the ruleset."""
+
+    pod: Pod
+    ifname: str
+    chains: tuple[_PodChain, ...]
 
 
 def _port_clauses(ports: tuple[PolicyPort, ...], dst: Pod | None) -> list[tuple[Proto, str]] | None:
