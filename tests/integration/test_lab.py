@@ -157,6 +157,14 @@ def test_add_exec_delete_pod(lab: str, capfd: pytest.CaptureFixture[str]) -> Non
             cli.main(["exec", "--name", lab, "extra", "--", "ip", "-6", "addr", "show", "lo"]) == 0
         )
         assert ANYCAST6 in capfd.readouterr().out  # exec's output goes to the real stdout
+        # The router's kernel holds one multipath route; the node has a host route to the pod.
+        assert (
+            cli.main(["exec", "--name", lab, "router", "--", "ip", "-6", "route", "show", ANYCAST6])
+            == 0
+        )
+        assert capfd.readouterr().out.count("nexthop via") == 2
+        assert cli.main(["exec", "--name", lab, "n2", "--", "ip", "-6", "route", "show", v6]) == 0
+        assert v6 in capfd.readouterr().out
     finally:
         assert cli.main(["delete-pod", "--name", lab, "extra"]) == 0
     assert "default/extra" not in core.Lab.open(lab).state.pods

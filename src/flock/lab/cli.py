@@ -6,7 +6,7 @@
     flock lab ready POD true|false   flip a pod's readiness, as a probe would
     flock lab add-pod NAME --node N  create a pod through the real CNI plugin
     flock lab delete-pod POD         delete it (CNI DEL, object removed)
-    flock lab exec POD -- CMD...     run a command in a pod's network namespace
+    flock lab exec POD -- CMD...     run a command in a pod's (node's, router's) netns
     flock lab test                   built-in checks, pass/fail table
     flock lab down                   destroy everything the lab made
     flock lab validate [TOPOLOGY]    check a topology file without building it
@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     dp = verb("delete-pod", "delete a pod (CNI DEL; its routes are withdrawn)")
     dp.add_argument("pod")
 
-    ex = verb("exec", "run a command inside a pod's network namespace")
-    ex.add_argument("pod")
+    ex = verb("exec", "run a command in the network namespace of a pod, node or the router")
+    ex.add_argument("pod", help="pod, node or router name")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     verb("test", "run the built-in checks; exit status 0 only if all pass")

@@ -483,7 +483,12 @@ def delete_pod(name: str, ref: str) -> None:
 
 
 def exec_in_pod(name: str, ref: str, cmd: Sequence[str]) -> int:
+    """Run `cmd` in the network namespace of a pod, a node or the router (by name)."""
     lab = Lab.open(name)
+    if ref == lab.topo.router.name:
+        return subprocess.call(["ip", "netns", "exec", lab.router_ns, *cmd])
+    if any(n.name == ref for n in lab.topo.nodes):
+        return subprocess.call(["ip", "netns", "exec", node_netns(lab.name, ref), *cmd])
     pod = lab.pod(ref)
     rec = lab.state.pods.get(pod.key)
     if rec is None:
