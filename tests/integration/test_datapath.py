@@ -455,3 +455,37 @@ def test_concurrent_setups_and_listing(
     for s in specs[:8]:
         dp.teardown_pod(container_id=s.container_id)
     assert {v.name for v in dp.list_host_veths()} == {s.host_ifname for s in specs[8:]}
+
+
+def test_veths_retired_before_a_crash_are_reaped_after_restart(
+    node: Node, pod_netns: Callable[[], str]
+) -> None:
+    p = pod_netns()
+    s = spec("c-crash", p, v6=38, v4=38)
+    with Datapath(host_netns=node.path) as first:
+        first.setup_pod(s)
+    # What teardown leaves for the reaper, had the agent died right after it.
+    sh(node.name, "ip", "link", "set", s.host_ifname, "down", "group", str(0x666C6B))
+    with Datapath(host_netns=node.path, reap_delay=0.01) as again:
+        assert again.list_host_veths() == []  # retired: not a live attachment
+        assert [v.name for v in again.list_host_veths(include_retired=True)] == [s.host_ifname]
+    assert flk_links(node) == []
+
+
+def test_check_reports_gateway_address_and_neighbours(
+    dp: Datapath, node: Node, pod_netns: Callable[[], str]
+) -> None:
+    p = pod_netns()
+    s = spec("c-check2", p, v6=37, v4=37)
+    res = dp.setup_pod(s)
+    sh(node.name, "ip", "addr", "del", "fe80::1/64", "dev", s.host_ifname)
+    sh(node.name, "ip", "neigh", "del", str(V4[37]), "dev", s.host_ifname)
+    sh(name_of(p), "ip", "neigh", "del", "fe80::1", "dev", "eth0")
+    problems = dp.check_pod(s)
+    assert sorted(problems) == sorted(
+        [
+            f"fe80::1/64 missing on host veth {s.host_ifname}",
+            f"host neighbour {V4[37]} lladdr {res.pod_mac} on {s.host_ifname} is missing",
+            f"pod neighbour fe80::1 lladdr {res.host_mac} on eth0 is missing",
+        ]
+    )

@@ -408,7 +408,9 @@ class Datapath:
             out.append(f"host veth {hname} is being deleted")
         if not hlink.flags & rtnl.IFF_UP:
             out.append(f"host veth {hname} is down")
-        addrs = [a for a in host.addrs(socket.AF_INET6) if a.index == hlink.index]
+        addrs = [
+            a for a in host.addrs(socket.AF_INET6, index=hlink.index) if a.index == hlink.index
+        ]
         ll = [a for a in addrs if a.ip == GATEWAY_V6 and a.prefixlen == HOST_LL_PREFIXLEN]
         if not ll:
             out.append(f"{GATEWAY_V6}/64 missing on host veth {hname}")
@@ -420,7 +422,9 @@ class Datapath:
             for r in host.routes(fam, oif=hlink.index)
             if r.table == rtnl.RT_TABLE_MAIN and r.gateway is None and not r.multipath
         }
-        neigh = {(n.ip, n.mac) for n in host.neighbours() if n.index == hlink.index}
+        neigh = {
+            (n.ip, n.mac) for n in host.neighbours(index=hlink.index) if n.index == hlink.index
+        }
         for ip in spec.addresses:
             if (ip, prefixlen(ip)) not in routes:
                 out.append(f"host route {cidr(ip)} dev {hname} is missing")
@@ -461,7 +465,7 @@ class Datapath:
             ]
             if not any(r.gateway == gw for r in defaults):
                 out.append(f"default route via {gw} dev {ifn} missing in pod")
-        neigh = {(n.ip, n.mac) for n in pod.neighbours() if n.index == plink.index}
+        neigh = {(n.ip, n.mac) for n in pod.neighbours(index=plink.index) if n.index == plink.index}
         for gw, present in ((GATEWAY_V6, spec.v6 is not None), (GATEWAY_V4, spec.v4 is not None)):
             if present and (gw, host_mac) not in neigh:
                 out.append(f"pod neighbour {gw} lladdr {host_mac} on {ifn} is missing")
@@ -470,13 +474,23 @@ class Datapath:
     # listing, for resync and GC ---------------------------------------------------
 
     def list_host_veths(self, *, include_retired: bool = False) -> list[HostVeth]:
-        """Host veths with our name prefix; retired ones (awaiting the reaper) only on request."""
+        """Host veths with our name prefix; retired ones (awaiting the reaper) only on request.
+
+        Retired veths seen here (e.g. left by an agent that died before its reaper ran)
+        are handed to the reaper, so the start-up resync cleans them up by listing.
+        """
+        ours = [
+            ln
+            for ln in self._host().links()
+            if ln.name.startswith(HOST_VETH_PREFIX) and ln.kind == "veth"
+        ]
+        if any(ln.group == RETIRED_GROUP for ln in ours):
+            # Retired before a restart (or not yet reaped): have them deleted.
+            self._schedule_reap()
         return [
             HostVeth(name=ln.name, index=ln.index, mac=ln.mac, up=bool(ln.flags & rtnl.IFF_UP))
-            for ln in self._host().links()
-            if ln.name.startswith(HOST_VETH_PREFIX)
-            and ln.kind == "veth"
-            and (include_retired or ln.group != RETIRED_GROUP)
+            for ln in ours
+            if include_retired or ln.group != RETIRED_GROUP
         ]
 
     def _our_routes(self) -> tuple[list[rtnl.Route], dict[int, str]]:

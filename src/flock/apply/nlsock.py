@@ -238,12 +238,14 @@ class RtnlSocket:
     def links(self) -> list[rtnl.Link]:
         return [rtnl.parse_link(b) for b in self.dump(rtnl.RTM_GETLINK, rtnl.ifinfo())]
 
-    def addrs(self, family: int = 0) -> list[rtnl.Addr]:
-        return [rtnl.parse_addr(b) for b in self.dump(rtnl.RTM_GETADDR, rtnl.addr_dump(family))]
+    def addrs(self, family: int = 0, *, index: int = 0) -> list[rtnl.Addr]:
+        body = rtnl.addr_dump(family, index)
+        return [rtnl.parse_addr(b) for b in self.dump(rtnl.RTM_GETADDR, body)]
 
     def routes(self, family: int, *, proto: int = 0, oif: int | None = None) -> list[rtnl.Route]:
         body = rtnl.route_dump(family, proto=proto, oif=oif)
         return [rtnl.parse_route(b) for b in self.dump(rtnl.RTM_GETROUTE, body)]
 
-    def neighbours(self, family: int = 0) -> list[rtnl.Neigh]:
-        return [rtnl.parse_neigh(b) for b in self.dump(rtnl.RTM_GETNEIGH, rtnl.neigh_dump(family))]
+    def neighbours(self, family: int = 0, *, index: int = 0) -> list[rtnl.Neigh]:
+        body = rtnl.neigh_dump(family, index)
+        return [rtnl.parse_neigh(b) for b in self.dump(rtnl.RTM_GETNEIGH, body)]

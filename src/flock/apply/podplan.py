@@ -12,10 +12,13 @@ import ipaddress
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flock.apply import rtnl
 from flock.apply.rtnl import Request
+
+if TYPE_CHECKING:
+    from flock.model.allocation import Allocation
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -104,7 +107,7 @@ class PodNetSpec:
         return tuple(dict.fromkeys(self.primaries + self.extra_addresses))
 
     @classmethod
-    def from_allocation(cls, alloc: Any, *, mtu: int | None = None) -> PodNetSpec:
+    def from_allocation(cls, alloc: Allocation, *, mtu: int | None = None) -> PodNetSpec:
         """Build from a `flock.model.allocation.Allocation`."""
         return cls(
             container_id=alloc.key.container_id,

@@ -99,6 +99,7 @@ RTPROT_STATIC = 4
 # Neighbour attributes and states.
 NDA_DST = 1
 NDA_LLADDR = 2
+NDA_IFINDEX = 8
 NUD_PERMANENT = 0x80
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -314,12 +315,15 @@ def neighbour(*, index: int, ip: IPAddress, mac: str | None, state: int = NUD_PE
     return body
 
 
-def addr_dump(family: int = 0) -> bytes:
-    return _IFADDRMSG.pack(family, 0, 0, 0, 0)
+def addr_dump(family: int = 0, index: int = 0) -> bytes:
+    """Address dump request; with strict checking a non-zero `index` filters in the kernel."""
+    return _IFADDRMSG.pack(family, 0, 0, 0, index)
 
 
-def neigh_dump(family: int = 0) -> bytes:
-    return _NDMSG.pack(family, 0, 0, 0, 0)
+def neigh_dump(family: int = 0, index: int = 0) -> bytes:
+    """Neighbour dump request; with strict checking NDA_IFINDEX filters in the kernel."""
+    body = _NDMSG.pack(family, 0, 0, 0, 0)
+    return body + attr_u32(NDA_IFINDEX, index) if index else body
 
 
 # -- parsing ------------------------------------------------------------------
