@@ -148,6 +148,10 @@ class NftPolicy:
         self._parsed = cache
         return good, bad
 
+    def idle(self, snapshot: Snapshot) -> bool:
+        """No policy exists and the (empty) ruleset is applied: new pods change nothing."""
+        return self._empty_applied and not snapshot.network_policies
+
     async def apply_policy(self, snapshot: Snapshot, allocations: Sequence[Allocation]) -> None:
         from flock.compile.policy import LocalPod, PolicyInputs
         from flock.model.pod import Pod
@@ -288,6 +292,7 @@ class Agent:
             metrics=self.metrics,
             pod_wait=o.pod_wait,
         )
+        self.metrics.bind_allocations(self.service.ipam.all)
         self.reconciler.set_appliers(
             anycast=KernelAnycast(self.service, self.datapath),
             exports=self._make_bird(),

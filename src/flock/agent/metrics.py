@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -76,11 +76,17 @@ class AgentMetrics:
     def observe_op(self, verb: str, result: str, seconds: float) -> None:
         self.cni_op.labels(verb=verb, result=result).observe(seconds)
 
-    def set_allocations(self, allocations: Sequence[Allocation]) -> None:
-        v6 = sum(1 for a in allocations if a.v6 is not None)
-        v4 = sum(1 for a in allocations if a.v4 is not None)
-        self.allocations.labels(family="ipv6").set(v6)
-        self.allocations.labels(family="ipv4").set(v4)
+    def bind_allocations(self, allocations: Callable[[], Sequence[Allocation]]) -> None:
+        """Count allocations per family when scraped (not on every CNI verb)."""
+
+        def count6() -> float:
+            return sum(1 for a in allocations() if a.v6 is not None)
+
+        def count4() -> float:
+            return sum(1 for a in allocations() if a.v4 is not None)
+
+        self.allocations.labels(family="ipv6").set_function(count6)
+        self.allocations.labels(family="ipv4").set_function(count4)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

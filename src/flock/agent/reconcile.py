@@ -176,6 +176,10 @@ class AllocationIndex:
         for a in allocations:
             self.put(a)
 
+    @property
+    def masks(self) -> Masks:
+        return self._masks
+
     def set_node(self, node: NodeConfig | None) -> None:
         masks = _aggregate_masks(node)
         if masks == self._masks:
@@ -323,6 +327,14 @@ class Reconciler:
         """Attach the appliers (they may need objects built after the reconciler)."""
         self._anycast, self._exports, self._policy = anycast, exports, policy
         self.force_resync()
+
+    def affects(self, alloc: Allocation) -> bool:
+        """Whether a pass could apply anything for this allocation (else an ADD need not
+        wait for one): it has anycast or outside-aggregate addresses, or policies exist."""
+        if alloc.anycast or _outside_of(alloc, self.index.masks):
+            return True
+        idle = getattr(self._policy, "idle", None)
+        return self._policy is not None and not (idle is not None and idle(self._snapshot()))
 
     def mark_dirty(self) -> int:
         """Ask for a pass; returns the request number `wait_for` can wait on."""

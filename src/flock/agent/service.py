@@ -36,7 +36,7 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from flock.agent.datastore.base import Datastore, NodeConfigUnavailable
-from flock.agent.reconcile import Reconciler
+from flock.agent.reconcile import Outcome, Reconciler
 from flock.apply.datapath import (
     DatapathError,
     HostVeth,
@@ -92,8 +92,6 @@ class Datapath(Protocol):
 
 class Metrics(Protocol):
     def observe_op(self, verb: str, result: str, seconds: float) -> None: ...
-
-    def set_allocations(self, allocations: Sequence[Allocation]) -> None: ...
 
 
 class _KeyedLocks:
@@ -205,7 +203,6 @@ class CniService:
                 self._idle.set()
             if self.metrics is not None:
                 self.metrics.observe_op(req.command, result, time.perf_counter() - start)
-                self.metrics.set_allocations(self.ipam.all())
 
     async def drain(self, timeout: float) -> bool:
         """Wait for in-flight verbs to finish (shutdown); False if some did not in time."""
@@ -310,7 +307,11 @@ class CniService:
                 t3 = time.perf_counter()
                 try:
                     self.index.put(alloc)
-                    outcome = await self.reconciler.sync()
+                    if self.reconciler.affects(alloc):
+                        outcome = await self.reconciler.sync()
+                    else:  # nothing to route, export or protect: no need to wait
+                        self.reconciler.mark_dirty()
+                        outcome = Outcome()
                     if not outcome.policy_ok:
                         raise CniError(
                             ERR_DATAPATH,
