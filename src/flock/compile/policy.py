@@ -210,7 +210,8 @@ class _PodInfo:
         # family -> [(int, text)]
         self.addrs: dict[int, list[tuple[int, str]]] = {4: [], 6: []}
         for ip in pod.ips:
-            self.addrs[ip.version].append((int(ip), _ntop(ip.version, ip.packed)))
+            value = int(ip)
+            self.addrs[ip.version].append((value, _text(ip.version, value)))
         # (name, proto, fam) -> {"addr . port"}
         self.named: dict[tuple[str, Proto, int], set[str]] = {}
         for cp in pod.container_ports:
