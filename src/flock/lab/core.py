@@ -34,7 +34,7 @@ from flock.lab import state as lab_state
 from flock.lab.datastore import LabDatastore, new_uid, open_datastore
 from flock.lab.state import LabExistsError, LabNotFoundError, LabState, PodRecord
 from flock.lab.topology import PodSpec, Topology, default_topology, load, validate
-from flock.lab.view import CheckResult, LabStatus, NodeView, PodView, RouteView
+from flock.lab.view import AgentView, CheckResult, LabStatus, NodeView, PodView, RouteView
 from flock.testbed import netns
 from flock.testbed.bird import BirdDaemon
 from flock.testbed.frr import FrrRouter, router_config
@@ -575,6 +575,7 @@ def _status(lab: Lab) -> LabStatus:
                 cidrs=[str(c) for c in n.cidrs],
                 netns=node_netns(lab.name, n.name),
                 processes={r.split(" ")[0]: _alive(lab, r) for r in roles},
+                agent=_agent_view(lab, n.name, problems),
             )
         )
     pods = []
@@ -604,6 +605,25 @@ def _status(lab: Lab) -> LabStatus:
         routes=routes,
         pods=pods,
         problems=problems,
+    )
+
+
+def _agent_view(lab: Lab, node: str, problems: list[str]) -> AgentView | None:
+    """What the node's agent says about itself (`flock status`, over its status socket)."""
+    from flock.agent.status import query
+
+    try:
+        d = query(lab.node(node).status_socket, timeout=2.0)
+    except (OSError, ValueError) as e:
+        problems.append(f"agent of {node} did not answer on its status socket: {e}")
+        return None
+    bgp = d.get("bgp") or {}
+    return AgentView(
+        node_config=str(d.get("node_config", "")),
+        bird=str(bgp.get("bird", "not configured")),
+        sessions={str(p): str(v.get("info", "")) for p, v in (bgp.get("sessions") or {}).items()},
+        exports=[str(x) for x in d.get("exports") or []],
+        allocations=len(d.get("allocations") or []),
     )
 
 
@@ -709,6 +729,24 @@ def run_checks(name: str, *, progress: Progress = _quiet) -> list[CheckResult]:
     def record(check: str, ok: bool, detail: str = "") -> None:
         results.append(CheckResult(check, ok, detail))
         progress(f"{'PASS' if ok else 'FAIL'} {check}")
+
+    # 0. every daemon the lab started is alive, and every agent answers
+    dead = [
+        f"{r.role} (pid {r.ident})"
+        for r in lab.state.processes()
+        if not lab_state.alive(int(r.ident), r.start_time)
+    ]
+    silent = []
+    for node in lab.topo.nodes:
+        if _agent_view(lab, node.name, []) is None:
+            silent.append(node.name)
+    detail = f"{len(lab.state.processes())} processes, {len(lab.topo.nodes)} agents answer"
+    if dead or silent:
+        detail = "; ".join(
+            ([f"dead: {', '.join(dead)}"] if dead else [])
+            + ([f"agents not answering: {', '.join(silent)}"] if silent else [])
+        )
+    record("FRR, BIRDs and agents running", not dead and not silent, detail)
 
     # 1. sessions
     try:

@@ -53,6 +53,17 @@ class NodeView:
     cidrs: list[str]
     netns: str
     processes: dict[str, bool] = field(default_factory=dict)  # role -> alive
+    # The agent's own view (its status socket): None when it did not answer.
+    agent: AgentView | None = None
+
+
+@dataclass
+class AgentView:
+    node_config: str = ""  # "ok" or why the NodeConfig is unusable
+    bird: str = ""  # "up" or "down: ..."
+    sessions: dict[str, str] = field(default_factory=dict)  # peer -> BIRD's state info
+    exports: list[str] = field(default_factory=list)  # per-pod prefixes BIRD exports
+    allocations: int = 0
 
 
 @dataclass
@@ -83,7 +94,10 @@ class LabStatus:
             router_addresses=d["router_addresses"],
             router_netns=d["router_netns"],
             router_alive=d["router_alive"],
-            nodes=[NodeView(**n) for n in d.get("nodes", [])],
+            nodes=[
+                NodeView(**{**n, "agent": AgentView(**n["agent"]) if n.get("agent") else None})
+                for n in d.get("nodes", [])
+            ],
             sessions=[SessionView(**s) for s in d.get("sessions", [])],
             routes=[
                 RouteView(
@@ -140,6 +154,14 @@ def render_text(st: LabStatus) -> str:
             f"node {n.name}  AS{n.asn}  {' '.join(n.uplink)}  pods {' '.join(n.cidrs)}  "
             f"netns {n.netns}  {procs}",
         ]
+        if n.agent is not None:
+            a = n.agent
+            sess = ", ".join(f"{peer} {info}" for peer, info in a.sessions.items()) or "none"
+            lines.append(
+                f"  agent: NodeConfig {a.node_config}; BIRD {a.bird}; sessions {sess}; "
+                f"{a.allocations} allocations"
+            )
+            lines.append(f"  agent exports (per pod): {' '.join(a.exports) or 'none'}")
         pods = [p for p in st.pods if p.node == n.name]
         lines += _table(
             ["pod", "ready", "addresses", "anycast"],
