@@ -33,7 +33,14 @@ from flock.lab import router as lab_router
 from flock.lab import state as lab_state
 from flock.lab.datastore import LabDatastore, new_uid, open_datastore
 from flock.lab.state import LabExistsError, LabNotFoundError, LabState, PodRecord
-from flock.lab.topology import PodSpec, Topology, default_topology, load, validate
+from flock.lab.topology import (
+    DEFAULT_LAB_NAME,
+    PodSpec,
+    Topology,
+    default_topology,
+    load,
+    validate,
+)
 from flock.lab.view import AgentView, CheckResult, LabStatus, NodeView, PodView, RouteView
 from flock.testbed import netns
 from flock.testbed.bird import BirdDaemon
@@ -291,18 +298,27 @@ def _summary(lab: Lab, seconds: float) -> str:
         lines.append(f"    {node_netns(lab.name, n.name):<28} node, AS{n.asn}")
     for key, rec in lab.state.pods.items():
         lines.append(f"    {rec.netns:<28} pod {key}: {' '.join(rec.addresses)}")
+    flag = "" if lab.name == DEFAULT_LAB_NAME else f" --name {lab.name}"
+    hints = [
+        (f"flock lab status{flag}", "sessions, learned routes (ECMP), pods"),
+        (f"flock lab graph{flag} -o {lab.name}.svg", "a picture"),
+        (f"flock lab test{flag}", "built-in checks"),
+    ]
+    replica = next((p for p in topo.pods if p.annotation_ips("anycast")), None)
+    if replica is not None:
+        hints.append((f"flock lab ready{flag} {replica.name} false", "withdraw a replica"))
+    client = next((p for p in topo.pods if p is not replica), replica)
+    if client is not None:
+        target = replica.annotation_ips("anycast")[0] if replica else topo.router.addresses[0].ip
+        hints.append((f"flock lab exec{flag} {client.name} -- ping -c1 {target}", ""))
+    width = max(len(c) for c, _ in hints) + 2
+    lines += ["", "  look at it:"]
+    lines += [f"    {c:<{width}}{h}".rstrip() for c, h in hints]
     lines += [
-        "",
-        "  look at it:",
-        "    flock lab status                 sessions, learned routes (ECMP), pods",
-        "    flock lab graph -o lab.svg       a picture",
-        "    flock lab test                   built-in checks",
-        "    flock lab ready dns-1 false      withdraw a replica, then watch status",
-        "    flock lab exec web-1 -- ping -c1 fd00:f10c:a::53",
-        f"    ip netns exec {lab.router_ns} vtysh --vty_socket {lab.router_dir} "
+        f"    ip netns exec {lab.router_ns} vtysh --vty_socket {lab.router_dir} -d bgpd "
         "-c 'show bgp summary'",
         f"  files: {lab.state.dir}",
-        "  remove it: flock lab down",
+        f"  remove it: flock lab down{flag}",
     ]
     return "\n".join(lines)
 
