@@ -16,6 +16,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,6 +75,9 @@ def _name() -> str:
 def _nothing_left(name: str, pids: list[tuple[int, int]]) -> None:
     assert state.lab_netns(name) == []
     assert not state.run_dir(name).exists()
+    # Every file the lab makes lives under its run dir: no temp dir named after it either.
+    tmp = Path(tempfile.gettempdir())
+    assert [p.name for p in tmp.iterdir() if name in p.name] == []
     alive = [pid for pid, st in pids if state.alive(pid, st)]
     assert alive == [], f"processes of lab {name} still running: {alive}"
 
