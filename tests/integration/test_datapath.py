@@ -489,3 +489,36 @@ def test_check_reports_gateway_address_and_neighbours(
             f"pod neighbour fe80::1 lladdr {res.host_mac} on eth0 is missing",
         ]
     )
+
+
+def test_anycast_single_change_and_changes_behind_its_back(
+    dp: Datapath, node: Node, pod_netns: Callable[[], str]
+) -> None:
+    any4, any6 = ip("198.18.1.1"), ip("2001:db8:aaaa::11")
+    pa, pb = pod_netns(), pod_netns()
+    sa = spec("c-set-a", pa, v6=30, v4=30, anycast=(any4, any6))
+    sb = spec("c-set-b", pb, v6=31, v4=31, anycast=(any4, any6))
+    dp.setup_pod(sa)
+    dp.setup_pod(sb)
+    # The one-route path: add, widen to multipath, narrow, remove.
+    assert dp.set_anycast(any4, [(V4[30], sa.host_ifname)])
+    assert dp.set_anycast(any4, [(V4[30], sa.host_ifname), (V4[31], sb.host_ifname)])
+    hops = js(node.name, "route", "show", "to", str(any4), "proto", "70")[0]["nexthops"]
+    assert {h["dev"] for h in hops} == {sa.host_ifname, sb.host_ifname}
+    assert dp.set_anycast(any4, [(V4[31], sb.host_ifname)])
+    assert ping(node.name, any4)
+    assert not dp.set_anycast(any4, [])
+    assert dp.list_anycast_routes() == {}
+    assert not dp.set_anycast(any4, [])  # removing what is not there: fine
+
+    want = {any6: [(V6[30], sa.host_ifname), (V6[31], sb.host_ifname)]}
+    dp.reconcile_anycast(want)
+    # Someone deletes our route by hand: the cached view misses it, a full pass restores it.
+    sh(node.name, "ip", "-6", "route", "del", str(any6), "proto", "70")
+    dp.reconcile_anycast(want, full=True)
+    assert len(dp.list_anycast_routes()[any6]) == 2
+    # A veth deleted behind our back: its cached index fails, the retry rereads the kernel.
+    sh(node.name, "ip", "link", "del", sa.host_ifname)
+    dp.reconcile_anycast({any6: [(V6[30], sa.host_ifname), (V6[31], sb.host_ifname)], any4: []})
+    assert dp.list_anycast_routes() == {any6: ((V6[31], sb.host_ifname),)}
+    assert ping(node.name, any6)

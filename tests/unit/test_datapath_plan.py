@@ -314,3 +314,19 @@ def test_cni_result_shape() -> None:
     assert res["ips"] == [{"address": "192.0.2.1/32", "gateway": "169.254.1.1", "interface": 1}]
     assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}]
     assert res["interfaces"][1]["sandbox"] == "/run/netns/x"
+
+
+def test_plan_anycast_diff() -> None:
+    from flock.apply.podplan import plan_anycast
+
+    a, b, c = ip("198.18.0.1"), ip("198.18.0.2"), ip("198.18.0.3")
+    h1, h2 = (ip("192.0.2.1"), 4), (ip("192.0.2.2"), 5)
+    have = {a: frozenset({h1}), b: frozenset({h1, h2})}
+    want = {a: frozenset({h1, h2}), c: frozenset({h2}), b: frozenset({h2, h1})}
+    reqs, change = plan_anycast(want, have)  # type: ignore[arg-type]
+    assert change.added == (c,) and change.replaced == (a,) and change.removed == ()
+    assert [r.kind for r in reqs] == [rtnl.RTM_NEWROUTE, rtnl.RTM_NEWROUTE]
+    reqs, change = plan_anycast({}, have)  # type: ignore[arg-type]
+    assert set(change.removed) == {a, b}
+    assert all(r.kind == rtnl.RTM_DELROUTE for r in reqs)
+    assert plan_anycast(have, have) == ([], type(change)())  # type: ignore[arg-type]

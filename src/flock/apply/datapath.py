@@ -54,15 +54,18 @@ from flock.apply.podplan import (
     RTPROT_FLOCK,
     AnycastChange,
     DatapathError,
+    Hops,
     HostVeth,
     IPAddress,
     PodNetResult,
     PodNetSpec,
     PodRoute,
+    anycast_route_delete,
     anycast_route_request,
     cidr,
     host_requests,
     host_veth_name,
+    plan_anycast,
     pod_requests,
     prefixlen,
     route_hops,
@@ -118,6 +121,13 @@ class Datapath:
         self._forwarding_done = False
         self._local = threading.local()
         self._lock = threading.Lock()
+        # Host veth name -> ifindex, learnt at setup and from link dumps; an index
+        # gone stale (a veth deleted behind our back) shows up as a failed request,
+        # which drops the caches and retries from the kernel's own view.
+        self._ifindex: dict[str, int] = {}
+        # Our anycast routes as last applied (dst -> hops); None = read the kernel.
+        self._anycast_lock = threading.Lock()
+        self._anycast_have: dict[IPAddress, Hops] | None = None
         self._sockets: list[RtnlSocket] = []
         self._reap_wanted = threading.Event()
         self._stop = threading.Event()
@@ -239,6 +249,8 @@ class Datapath:
             host.run(host_requests(spec, host_index=hlink.index, pod_mac=pod_mac))
         except NetlinkError as exc:
             raise DatapathError(str(exc)) from exc
+        with self._lock:
+            self._ifindex[spec.host_ifname] = hlink.index
         return PodNetResult(
             host_ifname=spec.host_ifname,
             host_mac=host_mac,
@@ -285,6 +297,8 @@ class Datapath:
         if not name.startswith(HOST_VETH_PREFIX):
             raise ValueError(f"refusing to delete {name!r}: not a flock veth")
         host = self._host()
+        with self._lock:
+            self._ifindex.pop(name, None)
         try:
             link = host.get_link(name)
             if link is None:
@@ -313,21 +327,32 @@ class Datapath:
 
     def _drop_anycast_hops(self, host: RtnlSocket, index: int) -> None:
         """Take hops through link `index` out of our anycast routes (kernel-filtered dump)."""
-        reqs: list[Request] = []
-        for fam in (socket.AF_INET6, socket.AF_INET):
-            for r in host.routes(fam, proto=RTPROT_FLOCK, oif=index):
-                if r.dst is None or r.table != rtnl.RT_TABLE_MAIN:
-                    continue
-                if r.gateway is None and not r.multipath:
-                    continue  # a pod route: went with the link going down
-                left = [(gw, oif) for gw, oif in route_hops(r) if oif != index and gw is not None]
-                if left:
-                    reqs.append(anycast_route_request(r.dst, left, replace=True))
-                else:
-                    reqs.append(_anycast_delete(r.dst))
-        errors = [e for e in host.batch(reqs) if e.errno != errno.ESRCH]
-        if errors:
-            raise errors[0]
+        with self._anycast_lock:
+            reqs: list[Request] = []
+            changed: dict[IPAddress, Hops | None] = {}
+            for fam in (socket.AF_INET6, socket.AF_INET):
+                for r in host.routes(fam, proto=RTPROT_FLOCK, oif=index):
+                    if r.dst is None or r.table != rtnl.RT_TABLE_MAIN:
+                        continue
+                    if r.gateway is None and not r.multipath:
+                        continue  # a pod route: went with the link going down
+                    left = [(gw, oif) for gw, oif in route_hops(r) if oif != index and gw]
+                    if left:
+                        reqs.append(anycast_route_request(r.dst, left, replace=True))
+                        changed[r.dst] = frozenset(left)
+                    else:
+                        reqs.append(anycast_route_delete(r.dst))
+                        changed[r.dst] = None
+            errors = [e for e in host.batch(reqs) if e.errno != errno.ESRCH]
+            if errors:
+                self._anycast_have = None
+                raise errors[0]
+            if self._anycast_have is not None:
+                for dst, hops in changed.items():
+                    if hops is None:
+                        self._anycast_have.pop(dst, None)
+                    else:
+                        self._anycast_have[dst] = hops
 
     def _schedule_reap(self) -> None:
         with self._lock:
@@ -550,59 +575,113 @@ class Datapath:
     # anycast ---------------------------------------------------------------------
 
     def reconcile_anycast(
-        self, desired: Mapping[IPAddress, Sequence[tuple[IPAddress, str]]]
+        self,
+        desired: Mapping[IPAddress, Sequence[tuple[IPAddress, str]]],
+        *,
+        full: bool = False,
     ) -> AnycastChange:
         """Make our anycast host routes exactly `desired`: ip -> [(via pod unicast, veth)].
 
         One route per anycast IP; several hops make it one multipath route. Our
         routes not desired are removed; routes of other protocols are never
         touched. Hops whose veth is missing or retired are skipped (the pod is
-        going away); an IP left with no hop is removed. Every change is tried;
-        then DatapathError lists the failures, if any.
+        going away); an IP left with no hop is removed.
+
+        Cost is O(changes): the routes last applied and veth indexes are cached.
+        `full=True` (the agent's periodic resync) reads the kernel first. When a
+        request fails, the caches are dropped and the whole reconcile runs once
+        more from the kernel's view; a second failure raises DatapathError
+        listing every failed change.
         """
-        host = self._host()
-        index = {ln.name: ln.index for ln in host.links() if ln.group != RETIRED_GROUP}
-        want: dict[IPAddress, frozenset[tuple[IPAddress, int]]] = {}
         for dst, hops in desired.items():
-            resolved = set()
-            for gw, ifname in hops:
+            for gw, _ifname in hops:
                 if gw.version != dst.version:
                     raise ValueError(f"anycast {dst}: next hop {gw} is of the other family")
-                if ifname in index:
-                    resolved.add((gw, index[ifname]))
+        with self._anycast_lock:
+            host = self._host()
+            if not full and self._anycast_have is not None:
+                change, errors = self._apply_anycast(host, desired, refresh=False)
+                if not errors:
+                    return change
+                log.info("anycast reconcile from cache failed, rereading the kernel: %s", errors)
+            change, errors = self._apply_anycast(host, desired, refresh=True)
+            if errors:
+                raise DatapathError("; ".join(str(e) for e in errors))
+            return change
+
+    def set_anycast(self, dst: IPAddress, hops: Sequence[tuple[IPAddress, str]]) -> bool:
+        """One anycast IP's route, now: `hops` [(via pod unicast, veth)], none = no route.
+
+        The O(1) path for a single readiness change (one request), next to the
+        whole-set `reconcile_anycast`. Returns False when no hop's veth exists
+        (then the route is removed).
+        """
+        for gw, _ifname in hops:
+            if gw.version != dst.version:
+                raise ValueError(f"anycast {dst}: next hop {gw} is of the other family")
+        with self._anycast_lock:
+            host = self._host()
+            for attempt in (0, 1):
+                index = self._indexes(host, {ifn for _gw, ifn in hops}, refresh=attempt == 1)
+                resolved = frozenset((gw, index[ifn]) for gw, ifn in hops if ifn in index)
+                if resolved:
+                    req = anycast_route_request(dst, list(resolved), replace=True)
+                else:
+                    req = anycast_route_delete(dst)
+                errors = [
+                    e for e in host.batch([req]) if not (e.errno == errno.ESRCH and not resolved)
+                ]
+                if not errors:
+                    if self._anycast_have is not None:
+                        if resolved:
+                            self._anycast_have[dst] = resolved
+                        else:
+                            self._anycast_have.pop(dst, None)
+                    return bool(resolved)
+                self._anycast_have = None
+            raise DatapathError(str(errors[0]))
+
+    def _apply_anycast(
+        self,
+        host: RtnlSocket,
+        desired: Mapping[IPAddress, Sequence[tuple[IPAddress, str]]],
+        *,
+        refresh: bool,
+    ) -> tuple[AnycastChange, list[NetlinkError]]:
+        if refresh or self._anycast_have is None:
+            self._anycast_have = self._read_anycast(host)
+        names = {ifname for hops in desired.values() for _gw, ifname in hops}
+        index = self._indexes(host, names, refresh=refresh)
+        want: dict[IPAddress, Hops] = {}
+        for dst, hops in desired.items():
+            resolved = frozenset((gw, index[ifn]) for gw, ifn in hops if ifn in index)
             if resolved:
-                want[dst] = frozenset(resolved)
-        routes, _names = self._our_routes()
-        have = {
-            r.dst: route_hops(r)
-            for r in routes
-            if r.dst is not None and (r.gateway is not None or r.multipath)
-        }
-        reqs: list[Request] = []
-        added: list[IPAddress] = []
-        replaced: list[IPAddress] = []
-        removed: list[IPAddress] = []
-        for dst, want_hops in want.items():
-            if dst not in have:
-                reqs.append(anycast_route_request(dst, list(want_hops), replace=False))
-                added.append(dst)
-            elif have[dst] != want_hops:
-                reqs.append(anycast_route_request(dst, list(want_hops), replace=True))
-                replaced.append(dst)
-        for dst in have:
-            if dst not in want:
-                reqs.append(_anycast_delete(dst))
-                removed.append(dst)
+                want[dst] = resolved
+        reqs, change = plan_anycast(want, self._anycast_have)
         errors = [
             e for e in host.batch(reqs) if not (e.errno == errno.ESRCH and "delete" in e.what)
         ]
-        if errors:
-            raise DatapathError("; ".join(str(e) for e in errors))
-        return AnycastChange(tuple(added), tuple(replaced), tuple(removed))
+        self._anycast_have = None if errors else want
+        return change, errors
 
+    def _read_anycast(self, host: RtnlSocket) -> dict[IPAddress, Hops]:
+        return {
+            r.dst: route_hops(r)
+            for fam in (socket.AF_INET6, socket.AF_INET)
+            for r in host.routes(fam, proto=RTPROT_FLOCK)
+            if r.proto == RTPROT_FLOCK
+            and r.table == rtnl.RT_TABLE_MAIN
+            and r.dst is not None
+            and (r.gateway is not None or r.multipath)
+        }
 
-def _anycast_delete(dst: IPAddress) -> Request:
-    body = rtnl.route(
-        dst=dst, dst_len=prefixlen(dst), family=rtnl.family_of(dst), proto=RTPROT_FLOCK
-    )
-    return Request(rtnl.RTM_DELROUTE, 0, body, f"delete anycast route {cidr(dst)}")
+    def _indexes(self, host: RtnlSocket, names: set[str], *, refresh: bool) -> dict[str, int]:
+        """ifindex of each live (not retired) host link in `names`; absent ones are left out."""
+        with self._lock:
+            missing = refresh or any(n not in self._ifindex for n in names)
+        if missing:
+            fresh = {ln.name: ln.index for ln in host.links() if ln.group != RETIRED_GROUP}
+            with self._lock:
+                self._ifindex = fresh
+        with self._lock:
+            return {n: self._ifindex[n] for n in names if n in self._ifindex}

@@ -33,6 +33,9 @@ NETLINK_EXT_ACK = 11
 NETLINK_GET_STRICT_CHK = 12
 CLONE_NEWNET = 0x40000000
 _RECV_SIZE = 1 << 18
+# Requests per datagram: each is acknowledged separately, and the acks of one
+# datagram must fit the socket's receive buffer (ENOBUFS would lose some).
+_BATCH = 64
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -169,9 +172,17 @@ class RtnlSocket:
         return list(rtnl.split(bytes(self._buf[:n])))
 
     def batch(self, requests: Sequence[Request]) -> list[NetlinkError]:
-        """Send all requests in one datagram; return the failures (empty when all succeeded)."""
-        if not requests:
-            return []
+        """Send the requests (in datagrams of up to 64); return the failures, [] when none.
+
+        The kernel runs the messages of a datagram in order and goes on after a
+        failure, so every request is tried.
+        """
+        errors: list[NetlinkError] = []
+        for start in range(0, len(requests), _BATCH):
+            errors += self._batch(requests[start : start + _BATCH])
+        return errors
+
+    def _batch(self, requests: Sequence[Request]) -> list[NetlinkError]:
         pending: dict[int, Request] = {}
         chunks = []
         for req in requests:
@@ -223,7 +234,10 @@ class RtnlSocket:
     def get_link(self, name: str) -> rtnl.Link | None:
         """The link called `name`, or None when there is none."""
         seq = self._next_seq()
-        self._sock.send(rtnl.message(rtnl.RTM_GETLINK, 0, seq, rtnl.link_by_name(name)))
+        body = rtnl.link_by_name(name) + rtnl.attr_u32(
+            rtnl.IFLA_EXT_MASK, rtnl.RTEXT_FILTER_SKIP_STATS
+        )
+        self._sock.send(rtnl.message(rtnl.RTM_GETLINK, 0, seq, body))
         while True:
             for reply in self._recv():
                 if reply.seq != seq:
@@ -236,7 +250,7 @@ class RtnlSocket:
                 return rtnl.parse_link(reply.body)
 
     def links(self) -> list[rtnl.Link]:
-        return [rtnl.parse_link(b) for b in self.dump(rtnl.RTM_GETLINK, rtnl.ifinfo())]
+        return [rtnl.parse_link(b) for b in self.dump(rtnl.RTM_GETLINK, rtnl.link_dump())]
 
     def addrs(self, family: int = 0, *, index: int = 0) -> list[rtnl.Addr]:
         body = rtnl.addr_dump(family, index)

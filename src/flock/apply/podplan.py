@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -351,3 +351,38 @@ def route_hops(r: rtnl.Route) -> frozenset[tuple[IPAddress | None, int]]:
     if r.multipath:
         return frozenset(r.multipath)
     return frozenset({(r.gateway, r.oif or 0)})
+
+
+Hops = frozenset[tuple[IPAddress | None, int]]
+
+
+def plan_anycast(
+    want: Mapping[IPAddress, Hops], have: Mapping[IPAddress, Hops]
+) -> tuple[list[Request], AnycastChange]:
+    """Requests that turn our anycast routes `have` into `want` (dst -> {(via, ifindex)})."""
+    reqs: list[Request] = []
+    added: list[IPAddress] = []
+    replaced: list[IPAddress] = []
+    removed: list[IPAddress] = []
+    for dst, hops in want.items():
+        real = [(gw, oif) for gw, oif in hops if gw is not None]
+        if not real:
+            continue
+        if dst not in have:
+            reqs.append(anycast_route_request(dst, real, replace=False))
+            added.append(dst)
+        elif have[dst] != hops:
+            reqs.append(anycast_route_request(dst, real, replace=True))
+            replaced.append(dst)
+    for dst in have:
+        if dst not in want:
+            reqs.append(anycast_route_delete(dst))
+            removed.append(dst)
+    return reqs, AnycastChange(tuple(added), tuple(replaced), tuple(removed))
+
+
+def anycast_route_delete(dst: IPAddress) -> Request:
+    body = rtnl.route(
+        dst=dst, dst_len=prefixlen(dst), family=rtnl.family_of(dst), proto=RTPROT_FLOCK
+    )
+    return Request(rtnl.RTM_DELROUTE, 0, body, f"delete anycast route {cidr(dst)}")

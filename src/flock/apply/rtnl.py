@@ -63,6 +63,8 @@ VETH_INFO_PEER = 1
 IFLA_AF_SPEC = 26
 IFLA_NET_NS_FD = 28
 IFLA_GROUP = 27
+IFLA_EXT_MASK = 29
+RTEXT_FILTER_SKIP_STATS = 1 << 3
 IFLA_INET_CONF = 1
 IFLA_INET6_ADDR_GEN_MODE = 8
 IN6_ADDR_GEN_MODE_NONE = 1
@@ -350,16 +352,24 @@ def split(data: bytes) -> Iterator[Reply]:
         off += _align(length)
 
 
-def attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """Top-level attributes of a body from `offset`: type (nested bit stripped) -> payload."""
+def attrs(data: bytes, offset: int = 0, want: frozenset[int] | None = None) -> dict[int, bytes]:
+    """Top-level attributes of a body from `offset`: type (nested bit stripped) -> payload.
+
+    With `want`, only those types are copied out (a link message carries ~40
+    attributes, most of them devconf and stats nobody here reads).
+    """
     out: dict[int, bytes] = {}
     off = offset
-    while off + _NLATTR.size <= len(data):
-        length, kind = _NLATTR.unpack_from(data, off)
-        if length < _NLATTR.size:
+    end = len(data)
+    unpack = _NLATTR.unpack_from
+    while off + 4 <= end:
+        length, kind = unpack(data, off)
+        if length < 4:
             break
-        out[kind & ~NLA_F_NESTED] = data[off + _NLATTR.size : off + length]
-        off += _align(length)
+        kind &= ~NLA_F_NESTED
+        if want is None or kind in want:
+            out[kind] = data[off + 4 : off + length]
+        off += (length + 3) & ~3
     return out
 
 
@@ -388,9 +398,17 @@ class Link:
     group: int = 0
 
 
+_LINK_ATTRS = frozenset({IFLA_IFNAME, IFLA_ADDRESS, IFLA_MTU, IFLA_GROUP, IFLA_LINKINFO})
+
+
+def link_dump() -> bytes:
+    """Link dump request without statistics (IFLA_EXT_MASK; older kernels ignore the bit)."""
+    return ifinfo() + attr_u32(IFLA_EXT_MASK, RTEXT_FILTER_SKIP_STATS)
+
+
 def parse_link(body: bytes) -> Link:
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(body, 0)
-    a = attrs(body, _IFINFOMSG.size)
+    a = attrs(body, _IFINFOMSG.size, _LINK_ATTRS)
     kind = ""
     if IFLA_LINKINFO in a:
         info = attrs(a[IFLA_LINKINFO])
