@@ -660,3 +660,37 @@ def test_incremental_updates_equal_a_full_replace(fresh: Cluster) -> None:
         [80],
         lambda s, d, p, n: not is_(d, "alpha/web") or (s.namespace is not None and s.node == 0),
     )
+
+
+def test_table_removed_behind_our_back_is_restored_by_next_sync(fresh: Cluster) -> None:
+    """Someone deletes table inet flock: the next (incremental) transaction is refused
+    as a whole, the engine replaces the table in one transaction, policy holds."""
+    deny = P("alpha", "deny", {"podSelector": {}})
+    fresh.apply([deny])
+    before = [eng.status()["full_syncs"] for eng in fresh.engines]
+    for node in fresh.nodes:
+        subprocess.run(["ip", "netns", "exec", node, "nft", "delete", "table", "inet", "flock"],
+                       check=True)  # fmt: skip
+    fresh.apply([deny, P("beta", "deny", {"podSelector": {}})])
+    assert [eng.status()["full_syncs"] for eng in fresh.engines] == [b + 1 for b in before]
+    check_truth_table(fresh, [80], lambda s, d, p, n: d.namespace is None)
+
+
+def test_refused_transaction_leaves_the_previous_ruleset(fresh: Cluster) -> None:
+    """A transaction nft refuses changes nothing in the kernel, and sync raises."""
+    from flock.apply.nft import NftError
+
+    class Refusing(NftCli):
+        def run(self, script: str) -> str:
+            if "add rule" in script:  # any ruleset change: append a command nft rejects
+                script += "add rule inet flock nosuchchain drop\n"
+            return super().run(script)
+
+    node = fresh.nodes[0]
+    engine = PolicyEngine(Refusing(netns=node))
+    engine.sync(fresh.inputs(0, []))
+    before = kernel_table(node)
+    with pytest.raises(NftError):
+        engine.sync(fresh.inputs(0, [P("alpha", "deny", {"podSelector": {}})]))
+    assert kernel_table(node) == before
+    assert "nosuchchain" in (engine.status()["last_error"] or "")

@@ -833,3 +833,8 @@ def test_reused_compiler_drops_named_ports_of_deleted_pods() -> None:
     second = compiler.compile(rest)
     assert "10.1.0.1 . 8080" not in second.sets["np_http_tcp_4"].elements
     assert second == compile_inputs(rest)
+
+
+def test_interface_names_cannot_inject_nft_text() -> None:
+    with pytest.raises(ValueError, match="bad interface name"):
+        LocalPod(PODS[0], 'x" ; flush ruleset ; "')

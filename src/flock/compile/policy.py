@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -59,7 +60,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _FAM_KW = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _PROTO_KW: dict[Proto, str] = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
-_MAX = {4: (1 << 32) - 1, 6: (1 << 128) - 1}
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,15}$")
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9_./ -]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,13 @@ class LocalPod:
     pod: Pod
     ifname: str
     ips: tuple[IPAddress, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The name goes into nft text: accept only what Linux and our datapath use.
+        if not _IFNAME.match(self.ifname):
+            raise ValueError(
+                f"LocalPod {self.pod.namespace}/{self.pod.name}: bad interface name {self.ifname!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -776,7 +785,7 @@ def _chain_lines(rs: Ruleset, name: str, *, new: bool) -> list[str]:
     t = f"{FAMILY} {TABLE}"
     out = []
     if new:
-        comment = rs.comments.get(name, "").replace('"', "")
+        comment = _COMMENT_UNSAFE.sub("", rs.comments.get(name, ""))
         out.append(f'add chain {t} {name} {{ comment "{comment}"; }}')
     else:
         out.append(f"flush chain {t} {name}")
