@@ -13,9 +13,11 @@ result at once), for:
   installed-python    `flock install-cni --python /usr/bin/python3` (stub + cached .pyc)
   bundle              `flock install-cni --bundle` of packaging/build_plugin_bundle.py
                       (static launcher -> bundled ld.so + python3 + plugin.pyc)
+  pyinstaller-onedir  with --pyinstaller PATH: the same plugin frozen by PyInstaller
+                      (the alternative to our bundle; not a dependency of flock)
 
 Runs are interleaved round-robin across the ways so that machine noise hits
-them alike. Usage: bench/bench_plugin_start.py [-n 200]
+them alike. Usage: bench/bench_plugin_start.py [-n 200] [--pyinstaller /path/to/pyinstaller]
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def pct(xs: list[float], q: float) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=200, help="runs per way and verb")
+    ap.add_argument("--pyinstaller", help="a pyinstaller executable: also time its onedir build")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmpdir:
@@ -105,6 +108,23 @@ def main() -> int:
             print(f"bundle size: {size / 1e6:.1f} MB")
         else:
             print("bundle: skipped (needs cc and ldd)")
+
+        if args.pyinstaller:
+            work = tmp / "pyi"
+            work.mkdir()
+            shutil.copy(REPO / "src/flock/cni/plugin.py", work / "flock_plugin.py")
+            subprocess.run(
+                [
+                    args.pyinstaller,
+                    *("--onedir", "--name", "flock", "--noconfirm", "--log-level", "WARN"),
+                    *("--distpath", str(work / "dist"), "--workpath", str(work / "build")),
+                    str(work / "flock_plugin.py"),
+                ],
+                check=True,
+                capture_output=True,
+                cwd=work,
+            )
+            ways["pyinstaller-onedir"] = [str(work / "dist/flock/flock")]
 
         sock = tmp / "agent.sock"
         loop, thread = start_agent(sock)

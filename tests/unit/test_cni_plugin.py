@@ -482,7 +482,7 @@ def test_del_with_agent_down_is_recorded_for_the_agent(argv: list[str], tmp: Pat
     assert "recorded" in r.stderr
     spool = state / plugin.DEFERRED_DEL_DIRNAME
     files = list(spool.iterdir())
-    assert [f.name for f in files] == ["c0ffee1234_eth0.json"]
+    assert [f.name for f in files] == ["c0ffee1234@eth0.json"]
     assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
     recorded = json.loads(files[0].read_bytes())
     assert recorded["command"] == "DEL"
@@ -491,7 +491,7 @@ def test_del_with_agent_down_is_recorded_for_the_agent(argv: list[str], tmp: Pat
     # A second DEL (runtimes retry) rewrites the same record: one file, still valid.
     r = run_plugin(argv, attach_env("DEL"), config)
     assert r.rc == 0
-    assert [f.name for f in spool.iterdir()] == ["c0ffee1234_eth0.json"]
+    assert [f.name for f in spool.iterdir()] == ["c0ffee1234@eth0.json"]
 
 
 def test_del_with_agent_down_and_unwritable_state_fails_to_be_retried(tmp: Path) -> None:
@@ -696,3 +696,11 @@ def test_convert_result_keeps_1_1_0_fields_only_at_1_1_0() -> None:
     assert "mtu" not in plugin.convert_result(RESULT_110, "1.0.0")["interfaces"][0]  # type: ignore[index]
     empty = plugin.convert_result({}, "0.4.0")
     assert empty == {"cniVersion": "0.4.0"}
+
+
+def test_deferred_del_records_are_unique_per_attachment(tmp: Path) -> None:
+    # ("a_b", "c") and ("a", "b_c") would collide with "_" as the separator.
+    for cid, ifname in (("a_b", "c"), ("a", "b_c")):
+        plugin.defer_del(str(tmp), {"command": "DEL", "containerID": cid, "ifname": ifname})
+    names = sorted(p.name for p in (tmp / plugin.DEFERRED_DEL_DIRNAME).iterdir())
+    assert names == ["a@b_c.json", "a_b@c.json"]

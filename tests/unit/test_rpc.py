@@ -381,7 +381,7 @@ def test_deferred_dels_written_by_the_plugin_are_replayed_then_removed(tmp: Path
     assert asyncio.run(rpc.replay_deferred_dels(state, handler)) == 1
     assert sorted(r.container_id for r in seen) == ["c1", "c2"]
     assert all(r.command == "DEL" and r.pod_namespace == "ns" for r in seen)
-    assert sorted(p.name for p in spool.iterdir()) == ["c2_eth0.json"]  # failed: kept; junk gone
+    assert sorted(p.name for p in spool.iterdir()) == ["c2@eth0.json"]  # failed: kept; junk gone
     assert asyncio.run(rpc.replay_deferred_dels(state, handler)) == 1
     assert list(spool.iterdir()) == []
     assert asyncio.run(rpc.replay_deferred_dels(tmp / "nothing-here", handler)) == 0

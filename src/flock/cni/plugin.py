@@ -19,7 +19,8 @@ Nothing ever ends in a traceback.
 
 DEL when the agent cannot be reached (no socket, connection refused, or no
 answer in time): the plugin writes the request to
-``<stateDir>/deferred-del/<containerID>_<ifname>.json`` (atomically, fsynced)
+``<stateDir>/deferred-del/<containerID>@<ifname>.json`` (atomically, fsynced;
+'@' cannot occur in a container ID, so the name is unique per attachment)
 and reports success, and the agent replays those files when it starts
 (``flock.agent.rpc.replay_deferred_dels``). Returning an error instead would
 make the kubelet retry forever and wedge pod deletion while the agent is down;
@@ -442,7 +443,7 @@ def defer_del(state_dir: str, request: JsonObject) -> str:
             posix.mkdir(d, 0o700)
         except FileExistsError:
             continue
-    name = f"{request['containerID']}_{request['ifname']}.json"
+    name = f"{request['containerID']}@{request['ifname']}.json"
     final = f"{spool}/{name}"
     tmp = f"{spool}/.{name}.{posix.getpid()}.tmp"
     data = json_dumps(request).encode()
