@@ -704,3 +704,19 @@ def test_deferred_del_records_are_unique_per_attachment(tmp: Path) -> None:
         plugin.defer_del(str(tmp), {"command": "DEL", "containerID": cid, "ifname": ifname})
     names = sorted(p.name for p in (tmp / plugin.DEFERRED_DEL_DIRNAME).iterdir())
     assert names == ["a@b_c.json", "a_b@c.json"]
+
+
+def test_version_does_not_hang_on_an_open_empty_stdin(argv: list[str]) -> None:
+    p = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env={"CNI_COMMAND": "VERSION"}
+    )
+    assert p.stdin is not None and p.stdout is not None
+    try:
+        assert p.wait(timeout=10) == 0  # stdin still open: the plugin must not wait for EOF
+        assert json.loads(p.stdout.read())["cniVersion"] == "1.1.0"
+    finally:
+        p.stdin.close()
+        p.stdout.close()
+        if p.poll() is None:
+            p.kill()
+            p.wait()
