@@ -267,7 +267,7 @@ def test_default_topology_through_the_cli(capsys: pytest.CaptureFixture[str]) ->
         rc = cli.main(["test", "--name", name])
         out = capsys.readouterr().out
         assert rc == 0, out
-        assert "17/17 checks passed" in out
+        assert "18/18 checks passed" in out
         pids = [(int(r.ident), r.start_time) for r in core.Lab.open(name).state.processes()]
         # 2 FRR daemons, and BIRD + agent on each of the three nodes.
         assert len(pids) == 8

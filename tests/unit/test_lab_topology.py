@@ -188,10 +188,12 @@ def test_bad_names_and_duplicates() -> None:
     d = _data()
     d["name"] = "my-lab"
     d["nodes"][1]["name"] = "node1"
+    d["nodes"][2]["name"] = "averylongname1"  # the router's port would exceed 15 characters
     d["pods"].append(dict(d["pods"][0]))
     msgs = _problems(d)
     assert any(m.startswith("name:") for m in msgs)
     assert any("'node1' is used twice" in m for m in msgs)
+    assert any("nodes[2].name: 'averylongname1' must be 1-12" in m for m in msgs)
     assert any("default/dns-1 is defined twice" in m for m in msgs)
 
 

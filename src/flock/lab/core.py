@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flock.compile.annotations import parse_annotations
 from flock.lab import graph as lab_graph
 from flock.lab import router as lab_router
 from flock.lab import state as lab_state
@@ -42,6 +43,7 @@ from flock.lab.topology import (
     validate,
 )
 from flock.lab.view import AgentView, CheckResult, LabStatus, NodeView, PodView, RouteView
+from flock.model.nodeconfig import NodeConfig
 from flock.testbed import netns
 from flock.testbed.bird import BirdDaemon
 from flock.testbed.frr import FrrRouter, router_config
@@ -73,6 +75,11 @@ def router_netns(lab: str, topo: Topology) -> str:
 
 def node_netns(lab: str, node: str) -> str:
     return f"{lab_state.netns_prefix(lab)}{node}"
+
+
+def router_port(node: str) -> str:
+    """The router's end of a node's uplink: a port of the LAN bridge."""
+    return f"to-{node}"
 
 
 def pod_netns(lab: str, pod: PodSpec) -> str:
@@ -208,15 +215,22 @@ def up(topo: Topology, *, progress: Progress = _quiet) -> str:
     try:
         _build(lab, progress)
     except BaseException as e:
-        progress(f"up failed ({type(e).__name__}: {e}); removing what was created")
+        progress(f"up failed ({type(e).__name__}: {_describe(e)}); removing what was created")
         _log_tails(lab, progress)
         down(topo.name, progress=progress)
         if isinstance(e, Exception) and not isinstance(e, LabError):
-            raise LabError(f"lab {topo.name} did not come up: {e}") from e
+            raise LabError(f"lab {topo.name} did not come up: {_describe(e)}") from e
         raise
     st.phase = "up"
     st.save()
     return _summary(lab, time.monotonic() - started)
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, subprocess.CalledProcessError):
+        out = (e.stderr or e.stdout or "").strip()
+        return f"`{' '.join(map(str, e.cmd))}` failed ({e.returncode}): {out}"
+    return str(e)
 
 
 def _build(lab: Lab, progress: Progress) -> None:
@@ -275,13 +289,12 @@ def _make_node(lab: Lab, node: str) -> None:
         base_dir=lab.node_dir(node),
         v6=str(v6) if v6 else None,
         v4=str(v4) if v4 else None,
-        # The router end of the uplink is a bridge port named after the node.
         uplink_peer=lab.router_ns,
-        uplink_peer_ifname=node,
+        uplink_peer_ifname=router_port(node),
         gateway6=str(gw6.ip) if gw6 and v6 else None,
         gateway4=str(gw4.ip) if gw4 and v4 else None,
     )
-    netns.run(["ip", "link", "set", node, "master", LAN_BRIDGE], netns=lab.router_ns)
+    netns.run(["ip", "link", "set", router_port(node), "master", LAN_BRIDGE], netns=lab.router_ns)
 
 
 def _summary(lab: Lab, seconds: float) -> str:
@@ -782,7 +795,22 @@ def run_checks(name: str, *, progress: Progress = _quiet) -> list[CheckResult]:
     except (LabError, subprocess.SubprocessError, ValueError) as e:
         record("router learned routes", False, str(e))
 
+    # 2b. every pod got an address of each family it asked for (node default + annotations)
+    wrong = []
+    for p in lab.topo.pods:
+        rec = lab.state.pods.get(p.key)
+        got = {ipaddress.ip_address(a).version for a in rec.addresses} if rec else set()
+        want = _families(lab.topo, p)
+        if got != want:
+            wrong.append(f"{p.key} has IPv{sorted(got)} want IPv{sorted(want)}")
+    record(
+        "every pod has its address families",
+        not wrong,
+        "; ".join(wrong) or f"{len(lab.topo.pods)} pods",
+    )
+
     # 3. reachability, both families, router -> every pod and pod -> pod across nodes
+    #    (a family no pod has, or pods on one node only, has nothing to check)
     for fam in (6, 4):
         targets = [
             (k, a)
@@ -790,26 +818,38 @@ def run_checks(name: str, *, progress: Progress = _quiet) -> list[CheckResult]:
             for a in rec.addresses
             if ipaddress.ip_address(a).version == fam
         ]
-        failed = [f"{k} {a}" for k, a in targets if not _ping(lab.router_ns, a)[0]]
-        record(
-            f"IPv{fam}: router reaches every pod",
-            bool(targets) and not failed,
-            f"{len(targets) - len(failed)}/{len(targets)}"
-            + (f"; failed: {', '.join(failed)}" if failed else ""),
-        )
+        if targets:
+            failed = [f"{k} {a}" for k, a in targets if not _ping(lab.router_ns, a)[0]]
+            record(
+                f"IPv{fam}: router reaches every pod",
+                not failed,
+                f"{len(targets) - len(failed)}/{len(targets)}"
+                + (f"; failed: {', '.join(failed)}" if failed else ""),
+            )
         pairs = _cross_node_pairs(lab, fam)
-        failed = [f"{a}->{b}" for a, b, addr, ns in pairs if not _ping(ns, addr)[0]]
-        record(
-            f"IPv{fam}: pod to pod across nodes",
-            bool(pairs) and not failed,
-            f"{len(pairs) - len(failed)}/{len(pairs)}"
-            + (f"; failed: {', '.join(failed)}" if failed else ""),
-        )
+        if pairs:
+            failed = [f"{a}->{b}" for a, b, addr, ns in pairs if not _ping(ns, addr)[0]]
+            record(
+                f"IPv{fam}: pod to pod across nodes",
+                not failed,
+                f"{len(pairs) - len(failed)}/{len(pairs)}"
+                + (f"; failed: {', '.join(failed)}" if failed else ""),
+            )
 
     # 4. ECMP and withdraw/restore, per anycast address
     for ip in sorted({ip for p in lab.topo.pods for ip in p.annotation_ips("anycast")}):
         results += _anycast_checks(lab, ip, progress)
     return results
+
+
+def _families(topo: Topology, pod: PodSpec) -> set[int]:
+    """The address families `pod` must have, resolved as the agent resolves them."""
+    req = parse_annotations(
+        pod.annotations,
+        node=NodeConfig.from_object(topo.nodeconfig(pod.node)),
+        namespace=pod.namespace,
+    )
+    return {v for v, fam in ((6, req.v6), (4, req.v4)) if fam.want}
 
 
 def _cross_node_pairs(lab: Lab, fam: int) -> list[tuple[str, str, str, str]]:

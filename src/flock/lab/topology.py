@@ -36,8 +36,10 @@ DEFAULT_LAB_NAME = "lab"
 # Lab names become part of namespace names (`fl-<lab>-<node>`); no dashes, so that
 # one lab's prefix can never be the prefix of another lab's names.
 _LAB_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-# Node names end up in namespace and file names, and as Kubernetes node names.
-_NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,14}$")
+# Node names end up in namespace, file and interface names (the router's port to a
+# node is `to-<node>`, and Linux caps interface names at 15 characters), and as
+# Kubernetes node names.
+_NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 # Kubernetes object names (RFC 1123 label; pods may be longer but keep them short).
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _RESERVED_ASNS = frozenset({0, 23456, 65535, 4294967295})
@@ -250,11 +252,11 @@ def _check_names(topo: Topology) -> list[str]:
             "(it prefixes every namespace the lab creates)"
         )
     if not _NODE_NAME.match(topo.router.name):
-        out.append(f"router.name: {topo.router.name!r} must be 1-15 lowercase letters/digits")
+        out.append(f"router.name: {topo.router.name!r} must be 1-12 lowercase letters/digits")
     seen: set[str] = {topo.router.name}
     for i, n in enumerate(topo.nodes):
         if not _NODE_NAME.match(n.name):
-            out.append(f"nodes[{i}].name: {n.name!r} must be 1-15 lowercase letters/digits")
+            out.append(f"nodes[{i}].name: {n.name!r} must be 1-12 lowercase letters/digits")
         if n.name in seen:
             out.append(f"nodes[{i}].name: {n.name!r} is used twice (router and nodes share names)")
         seen.add(n.name)
