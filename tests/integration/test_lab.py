@@ -274,3 +274,23 @@ def test_default_topology_through_the_cli(capsys: pytest.CaptureFixture[str]) ->
     finally:
         assert cli.main(["down", "--name", name]) == 0
     _nothing_left(name, pids)
+
+
+def test_ipv6_only_lab_with_a_replica_not_ready_at_start() -> None:
+    """No IPv4 anywhere; a replica that starts not Ready is never advertised until Ready."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "lab-v6only.yaml"
+    name = _name()
+    topo = core.load_topology(example, name=name)
+    pids: list[tuple[int, int]] = []
+    try:
+        core.up(topo)
+        pids = [(int(r.ident), r.start_time) for r in core.Lab.open(name).state.processes()]
+        assert _next_hops(name, "fd00:f10c:ff::1/128") == {"a"}
+        results = core.run_checks(name)
+        assert all(r.ok for r in results), [r for r in results if not r.ok]
+        assert not any("IPv4" in r.name for r in results)
+        core.ready(name, "svc-b", True)
+        _wait_next_hops(name, "fd00:f10c:ff::1/128", {"a", "b"})
+    finally:
+        core.down(name)
+    _nothing_left(name, pids)

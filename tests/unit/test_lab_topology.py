@@ -427,3 +427,9 @@ def test_router_config_retries_every_node_session() -> None:
     lines = connect_retry(topo)
     assert lines[0] == "router bgp 65000"
     assert " neighbor 198.18.0.13 timers connect 1" in lines
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLE.parent.glob("lab-*.yaml")), ids=lambda p: p.name)
+def test_every_example_topology_is_valid(path: Path) -> None:
+    topo = load(path)
+    assert topo.nodes and topo.pods
