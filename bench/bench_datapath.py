@@ -5,9 +5,10 @@ Runs as root in namespaces it creates (prefix `fdb`) and removes. Prints:
      (flat as pods accumulate?);
   2. teardown of all N (the DEL path: retire + anycast-hop repair) and the
      batched reaper delete of the retired veths; synchronous delete for a few;
-  3. churn: setup of a new pod while older ones are torn down and reaped in
+  3. check_pod, and anycast route reconcile (1000 IPs, multipath) and one change;
+  4. churn: setup of a new pod while older ones are torn down and reaped in
      the background;
-  4. why the transport is hand-rolled: opening a netlink socket in a pod netns
+  5. why the transport is hand-rolled: opening a netlink socket in a pod netns
      and one request, pyroute2's API vs ours.
 
 Usage: sudo .venv/bin/python bench/bench_datapath.py [--pods 200]
@@ -87,6 +88,44 @@ def main() -> int:
         q = max(1, n // 4)
         for k in range(0, n, q):
             print(row(f"  pods {k + 1}-{min(n, k + q)}", setup[k : k + q]))
+
+        checks = [timed(lambda s=s: dp.check_pod(s)) for s in specs[:: max(1, n // 20)]]
+        print(row(f"check_pod with {n} pods on the node", checks))
+
+        # Anycast: 1000 IPs over the pods, 1-3 replicas each (multipath).
+        base = int(ipaddress.IPv4Address("198.18.0.0"))
+        desired = {
+            ipaddress.IPv4Address(base + j): [
+                (specs[(j + k) % n].v4, specs[(j + k) % n].host_ifname) for k in range(1 + j % 3)
+            ]
+            for j in range(1000)
+        }
+        print(
+            row(
+                "reconcile_anycast: 1000 routes from none",
+                [timed(lambda: dp.reconcile_anycast(desired))],
+            )
+        )  # type: ignore[arg-type]
+        print(
+            row(
+                "  again, nothing changed",
+                [timed(lambda: dp.reconcile_anycast(desired)) for _ in range(5)],
+            )
+        )  # type: ignore[arg-type]
+        print(
+            row(
+                "  full=True (reread the kernel)",
+                [timed(lambda: dp.reconcile_anycast(desired, full=True)) for _ in range(3)],
+            )
+        )  # type: ignore[arg-type]
+        first = next(iter(desired))
+        one = [
+            timed(lambda: dp.set_anycast(first, [])),
+            timed(lambda: dp.set_anycast(first, desired[first])),
+        ]  # type: ignore[arg-type]
+        one += [timed(lambda: dp.set_anycast(first, [])) for _ in range(10)]
+        print(row("set_anycast: one withdraw / add", one))
+        dp.reconcile_anycast({})
 
         dp.reap_delay = 3600.0  # hold the reaper so the DEL path is measured alone
         teardown = [timed(lambda s=s: dp.teardown_pod(container_id=s.container_id)) for s in specs]

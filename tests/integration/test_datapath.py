@@ -465,7 +465,7 @@ def test_veths_retired_before_a_crash_are_reaped_after_restart(
     with Datapath(host_netns=node.path) as first:
         first.setup_pod(s)
     # What teardown leaves for the reaper, had the agent died right after it.
-    sh(node.name, "ip", "link", "set", s.host_ifname, "down", "group", str(0x666C6B))
+    sh(node.name, "ip", "link", "set", s.host_ifname, "down", "group", str(0x666C6B00 | 7))
     with Datapath(host_netns=node.path, reap_delay=0.01) as again:
         assert again.list_host_veths() == []  # retired: not a live attachment
         assert [v.name for v in again.list_host_veths(include_retired=True)] == [s.host_ifname]
