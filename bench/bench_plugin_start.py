@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -158,7 +159,8 @@ def main() -> int:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
 
-    print(f"plugin exec -> exit, ms, n={args.n} each (2-core machine, shared)")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"plugin exec -> exit, ms, n={args.n} each; {os.cpu_count()} CPUs, load avg {load}")
     print(f"{'way':<18} {'VERSION p50':>12} {'p99':>7} {'ADD p50':>9} {'p99':>7}")
     for way in ways:
         v, a = times[(way, "VERSION")], times[(way, "ADD")]
