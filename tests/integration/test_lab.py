@@ -198,7 +198,7 @@ def test_down_removes_everything() -> None:
     finally:
         core.down(name)
     _nothing_left(name, pids)
-    assert core.down(name) == f"lab {name}: nothing to remove"
+    assert core.down(name) == f"lab '{name}': nothing to remove"
 
 
 def test_down_after_a_crash() -> None:

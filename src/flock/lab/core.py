@@ -219,7 +219,7 @@ def up(topo: Topology, *, progress: Progress = _quiet) -> str:
         _log_tails(lab, progress)
         down(topo.name, progress=progress)
         if isinstance(e, Exception) and not isinstance(e, LabError):
-            raise LabError(f"lab {topo.name} did not come up: {_describe(e)}") from e
+            raise LabError(f"lab '{topo.name}' did not come up: {_describe(e)}") from e
         raise
     st.phase = "up"
     st.save()
@@ -478,7 +478,7 @@ def converge(name: str, *, timeout: float = ROUTE_TIMEOUT) -> tuple[float, dict[
 def add_pod(name: str, pod: PodSpec) -> PodRecord:
     lab = Lab.open(name)
     if any(p.name == pod.name for p in lab.topo.pods):
-        raise LabError(f"lab {name} already has a pod named {pod.name!r}")
+        raise LabError(f"lab '{name}' already has a pod named {pod.name!r}")
     topo = lab.topo.with_pod(pod)
     validate(topo)
     lab.topo = topo
@@ -547,7 +547,7 @@ def down(name: str, *, progress: Progress = _quiet) -> str:
     # Processes running inside the lab's namespaces are the lab's, state file or not.
     procs += [p for p in lab_state.pids_in_netns(sorted(names)) if p not in procs]
     if not names and not procs and not any(Path(d).exists() for d in dirs):
-        return f"lab {name}: nothing to remove"
+        return f"lab '{name}': nothing to remove"
     stopped = lab_state.stop_processes(procs)
     progress(f"stopped {len(stopped)} processes")
     # Stragglers that joined a namespace meanwhile (none expected).
@@ -561,8 +561,8 @@ def down(name: str, *, progress: Progress = _quiet) -> str:
         lab_state.remove_dir(d)
     left = lab_state.lab_netns(name)
     if left:
-        raise LabError(f"lab {name}: namespaces still present after down: {', '.join(left)}")
-    return f"lab {name} is down: {len(stopped)} processes, {len(names)} namespaces removed"
+        raise LabError(f"lab '{name}': namespaces still present after down: {', '.join(left)}")
+    return f"lab '{name}' is down: {len(stopped)} processes, {len(names)} namespaces removed"
 
 
 # ---------------------------------------------------------------------------------------

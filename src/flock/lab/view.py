@@ -127,7 +127,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 def render_text(st: LabStatus) -> str:
     lines = [
-        f"lab {st.name} ({st.phase})",
+        f"lab '{st.name}' ({st.phase})",
         f"router {st.router_name}  AS{st.router_asn}  {' '.join(st.router_addresses)}  "
         f"netns {st.router_netns}  FRR {'running' if st.router_alive else 'NOT RUNNING'}",
         "",
