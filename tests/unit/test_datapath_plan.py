@@ -330,3 +330,31 @@ def test_plan_anycast_diff() -> None:
     assert set(change.removed) == {a, b}
     assert all(r.kind == rtnl.RTM_DELROUTE for r in reqs)
     assert plan_anycast(have, have) == ([], type(change)())  # type: ignore[arg-type]
+
+
+_v4 = st.integers(min_value=1, max_value=2**32 - 1).map(ipaddress.IPv4Address)
+_v6 = st.integers(min_value=1, max_value=2**128 - 1).map(ipaddress.IPv6Address)
+
+
+@given(
+    st.one_of(
+        st.tuples(_v4, st.lists(st.tuples(_v4, st.integers(1, 2**31 - 1)), min_size=1, max_size=8)),
+        st.tuples(_v6, st.lists(st.tuples(_v6, st.integers(1, 2**31 - 1)), min_size=1, max_size=8)),
+    )
+)
+def test_route_roundtrip(case: tuple[object, list[tuple[object, int]]]) -> None:
+    dst, hops = case
+    body = rtnl.route(
+        dst=dst,  # type: ignore[arg-type]
+        dst_len=128 if dst.version == 6 else 32,  # type: ignore[attr-defined]
+        family=rtnl.family_of(dst),  # type: ignore[arg-type]
+        multipath=hops,  # type: ignore[arg-type]
+        proto=RTPROT_FLOCK,
+    )
+    r = rtnl.parse_route(body)
+    assert r.dst == dst and r.proto == RTPROT_FLOCK
+    assert list(r.multipath) == hops
+    # And pyroute2 reads the same hops.
+    m = decode(rtmsg, rtnl.RTM_NEWROUTE, body)
+    got = [(ip(h.get_attr("RTA_GATEWAY")), h["oif"]) for h in m.get_attr("RTA_MULTIPATH")]  # type: ignore[attr-defined]
+    assert got == hops
