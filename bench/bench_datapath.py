@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from flock.apply.datapath import Datapath, PodNetSpec
+from flock.apply.datapath import REAP_BATCH, Datapath, PodNetSpec
 from flock.apply.nlsock import RtnlSocket
 from flock.testbed import netns
 
@@ -131,7 +131,8 @@ def main() -> int:
         teardown = [timed(lambda s=s: dp.teardown_pod(container_id=s.container_id)) for s in specs]
         print(row(f"teardown_pod (retire; reaper deletes later), {n}", teardown))
         reap = timed(dp.reap)
-        print(row(f"  reaper: one group delete of {n} retired veths", [reap]))
+        groups = -(-n // REAP_BATCH)
+        print(row(f"  reap(): delete {n} retired veths, {groups} groups", [reap]))
         dp.close()
 
         dp = Datapath(host_netns=netns.path(node), reap_delay=0.05)
