@@ -23,8 +23,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from flock.apply import rtnl
 from flock.apply.datapath import REAP_BATCH, Datapath, PodNetSpec
-from flock.apply.nlsock import RtnlSocket
+from flock.apply.nlsock import Request, RtnlSocket
 from flock.testbed import netns
 
 PREFIX = "fdb"
@@ -63,6 +64,11 @@ def make_pods(count: int, start: int) -> tuple[list[str], list[PodNetSpec]]:
             )
         )
     return names, specs
+
+
+def _dellink(ns_path: str | None, name: str, node: str) -> None:
+    with RtnlSocket(ns_path or netns.path(node)) as sock:
+        sock.call(Request(rtnl.RTM_DELLINK, 0, rtnl.link_by_name(name), f"delete {name}"))
 
 
 def main() -> int:
@@ -143,6 +149,16 @@ def main() -> int:
             timed(lambda s=s: dp.teardown_pod(container_id=s.container_id, wait=True)) for s in few
         ]  # type: ignore[misc]
         print(row("teardown_pod(wait=True): delete now, 20", sync))
+
+        # The alternatives to retire-and-reap, for the record: delete one end now.
+        for s in few[:10]:
+            dp.setup_pod(s)
+        host_side = [timed(lambda s=s: _dellink(None, s.host_ifname, node)) for s in few[:10]]  # type: ignore[misc]
+        print(row("  alternative: RTM_DELLINK host end, 10", host_side))
+        for s in few[:10]:
+            dp.setup_pod(s)
+        pod_side = [timed(lambda s=s: _dellink(s.netns, s.ifname, node)) for s in few[:10]]  # type: ignore[misc]
+        print(row("  alternative: RTM_DELLINK pod end, 10", pod_side))
 
         # Churn: keep 50 pods alive; each step adds one and removes the oldest.
         for s in specs[:50]:
