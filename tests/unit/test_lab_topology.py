@@ -433,3 +433,45 @@ def test_router_config_retries_every_node_session() -> None:
 def test_every_example_topology_is_valid(path: Path) -> None:
     topo = load(path)
     assert topo.nodes and topo.pods
+
+
+# -- the CLI, where it needs no lab ----------------------------------------------------
+
+
+def test_cli_verbs_match_the_parser() -> None:
+    import argparse
+
+    from flock.lab import cli
+
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(cli.VERBS)
+
+
+def test_cli_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flock.lab import cli
+
+    assert cli.main(["validate", str(EXAMPLE)]) == 0
+    assert "topology lab: OK (3 nodes, 8 pods)" in capsys.readouterr().out
+    d = _data()
+    d["pods"][0]["node"] = "nowhere"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(d))
+    assert cli.main(["validate", str(bad)]) == 1
+    assert "unknown node 'nowhere'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+
+
+def test_cli_verbs_on_a_lab_that_is_not_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flock.lab import cli
+
+    monkeypatch.setattr(state, "RUN_ROOT", tmp_path)
+    for argv in (
+        ["status"],
+        ["ready", "dns-1", "false"],
+        ["test"],
+        ["exec", "web-1", "--", "true"],
+    ):
+        assert cli.main([argv[0], "--name", "flnone", *argv[1:]]) == 1
+        assert "lab 'flnone' is not up" in capsys.readouterr().err

@@ -21,12 +21,14 @@ import argparse
 import ipaddress
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flock import ANNOTATION_PREFIX
+from flock.lab import core
 from flock.lab import state as lab_state
 from flock.lab.topology import DEFAULT_LAB_NAME, PodSpec, TopologyError
+from flock.lab.view import render_checks, render_text
 
 
 class UsageError(Exception):
@@ -137,11 +139,8 @@ def main(argv: Sequence[str]) -> int:
     if ns.verb is None:
         parser.print_help()
         return 2
-    # Imported here so that `--help` stays cheap.
-    from flock.lab import core
-
     try:
-        return _dispatch(ns)
+        return int(VERBS[ns.verb](ns))
     except (TopologyError, UsageError, core.LabError) as e:
         print(f"flock lab {ns.verb}: {e}", file=sys.stderr)
         return 1
@@ -150,65 +149,94 @@ def main(argv: Sequence[str]) -> int:
         return 130
 
 
-def _dispatch(ns: argparse.Namespace) -> int:
-    from flock.lab import core as c
-    from flock.lab.view import render_checks, render_text
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
-    verb: str = ns.verb
-    if verb == "validate":
-        topo = c.load_topology(ns.topology)
-        print(f"topology {topo.name}: OK ({len(topo.nodes)} nodes, {len(topo.pods)} pods)")
-        return 0
-    if verb == "up":
-        topo = c.load_topology(ns.topology, name=ns.name)
-        info = c.up(topo, progress=lambda msg: print(msg, flush=True))
-        print(info)
-        return 0
+
+def _validate(ns: argparse.Namespace) -> int:
+    topo = core.load_topology(ns.topology)
+    print(f"topology {topo.name}: OK ({len(topo.nodes)} nodes, {len(topo.pods)} pods)")
+    return 0
+
+
+def _up(ns: argparse.Namespace) -> int:
+    topo = core.load_topology(ns.topology, name=ns.name)
+    print(core.up(topo, progress=_say))
+    return 0
+
+
+def _down(ns: argparse.Namespace) -> int:
+    print(core.down(_lab_name(ns.name), progress=_say))
+    return 0
+
+
+def _status(ns: argparse.Namespace) -> int:
+    st = core.status(_lab_name(ns.name))
+    print(st.to_json() if ns.json else render_text(st))
+    return 0
+
+
+def _graph(ns: argparse.Namespace) -> int:
     name = _lab_name(ns.name)
-    if verb == "down":
-        report = c.down(name, progress=lambda msg: print(msg, flush=True))
-        print(report)
-        return 0
-    if verb == "status":
-        st = c.status(name)
-        print(st.to_json() if ns.json else render_text(st))
-        return 0
-    if verb == "graph":
-        files = c.graph(name, ns.output or Path(f"{name}.svg"))
-        for f in files:
-            print(f"wrote {f}")
-        return 0
-    if verb == "ready":
-        t0 = time.monotonic()
-        c.ready(name, ns.pod, ns.value == "true")
-        print(f"pod {ns.pod}: Ready={ns.value}")
-        _, routes = c.converge(name)
-        took = time.monotonic() - t0
-        pod = c.Lab.open(name).pod(ns.pod)
-        for ip in pod.annotation_ips("anycast"):
-            prefix = str(ipaddress.ip_network(ip))
-            via = ", ".join(sorted(routes.get(prefix, set()))) or "nothing (withdrawn everywhere)"
-            print(f"  router: {prefix} via {via}")
-        print(f"  (the router's table matched {took * 1000:.0f} ms after the flip)")
-        return 0
-    if verb == "add-pod":
-        rec = c.add_pod(name, _pod_from_args(ns))
-        print(f"pod {rec.namespace}/{rec.name} on {rec.node}: {' '.join(rec.addresses)}")
-        return 0
-    if verb == "delete-pod":
-        c.delete_pod(name, ns.pod)
-        print(f"pod {ns.pod} deleted")
-        return 0
-    if verb == "exec":
-        cmd = list(ns.cmd)
-        if cmd and cmd[0] == "--":
-            cmd = cmd[1:]
-        if not cmd:
-            raise UsageError("exec needs a command: flock lab exec POD -- CMD ARGS...")
-        return int(c.exec_in_pod(name, ns.pod, cmd))
-    if verb == "test":
-        print(f"running the built-in checks against lab '{name}' ...", flush=True)
-        results = c.run_checks(name)
-        print(render_checks(results))
-        return 0 if results and all(r.ok for r in results) else 1
-    raise UsageError(f"unknown verb {verb!r}")
+    for f in core.graph(name, ns.output or Path(f"{name}.svg")):
+        print(f"wrote {f}")
+    return 0
+
+
+def _ready(ns: argparse.Namespace) -> int:
+    name = _lab_name(ns.name)
+    t0 = time.monotonic()
+    core.ready(name, ns.pod, ns.value == "true")
+    print(f"pod {ns.pod}: Ready={ns.value}")
+    _, routes = core.converge(name)
+    took = time.monotonic() - t0
+    pod = core.Lab.open(name).pod(ns.pod)
+    for ip in pod.annotation_ips("anycast"):
+        prefix = str(ipaddress.ip_network(ip))
+        via = ", ".join(sorted(routes.get(prefix, set()))) or "nothing (withdrawn everywhere)"
+        print(f"  router: {prefix} via {via}")
+    print(f"  (the router's table matched {took * 1000:.0f} ms after the flip)")
+    return 0
+
+
+def _add_pod(ns: argparse.Namespace) -> int:
+    rec = core.add_pod(_lab_name(ns.name), _pod_from_args(ns))
+    print(f"pod {rec.namespace}/{rec.name} on {rec.node}: {' '.join(rec.addresses)}")
+    return 0
+
+
+def _delete_pod(ns: argparse.Namespace) -> int:
+    core.delete_pod(_lab_name(ns.name), ns.pod)
+    print(f"pod {ns.pod} deleted")
+    return 0
+
+
+def _exec(ns: argparse.Namespace) -> int:
+    cmd = list(ns.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise UsageError("exec needs a command: flock lab exec POD -- CMD ARGS...")
+    return core.exec_in_pod(_lab_name(ns.name), ns.pod, cmd)
+
+
+def _test(ns: argparse.Namespace) -> int:
+    name = _lab_name(ns.name)
+    print(f"running the built-in checks against lab '{name}' ...", flush=True)
+    results = core.run_checks(name)
+    print(render_checks(results))
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": _up,
+    "down": _down,
+    "status": _status,
+    "graph": _graph,
+    "ready": _ready,
+    "add-pod": _add_pod,
+    "delete-pod": _delete_pod,
+    "exec": _exec,
+    "test": _test,
+    "validate": _validate,
+}
