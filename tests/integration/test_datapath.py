@@ -522,3 +522,18 @@ def test_anycast_single_change_and_changes_behind_its_back(
     dp.reconcile_anycast({any6: [(V6[30], sa.host_ifname), (V6[31], sb.host_ifname)], any4: []})
     assert dp.list_anycast_routes() == {any6: ((V6[31], sb.host_ifname),)}
     assert ping(node.name, any6)
+
+
+def test_setup_clears_a_retired_veth_of_an_earlier_agent_holding_the_name(
+    node: Node, pod_netns: Callable[[], str]
+) -> None:
+    p = pod_netns()
+    with Datapath(host_netns=node.path) as first:
+        old = first.setup_pod(spec("c-old", p, v6=36, v4=36))
+    # Retired (down, in a reaper group) but not yet deleted when that agent went away.
+    sh(node.name, "ip", "link", "set", old.host_ifname, "down", "group", str(0x666C6B00 | 9))
+    with Datapath(host_netns=node.path) as again:
+        s = spec("c-new", p, v6=35, v4=35)  # another container id, the same netns and eth0
+        again.setup_pod(s)
+        assert again.check_pod(s) == []
+        assert flk_links(node) == [s.host_ifname]

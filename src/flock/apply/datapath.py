@@ -213,7 +213,10 @@ class Datapath:
             try:
                 return self._configure(host, spec, host_mac=host_mac, pod_mac=pod_mac)
             except BaseException:
-                self._delete_link(host, spec.host_ifname)
+                try:
+                    self._delete_link(host, spec.host_ifname)
+                except Exception:  # keep the original error; this one is only logged
+                    log.exception("rollback: deleting veth %s failed", spec.host_ifname)
                 raise
         finally:
             with self._lock:
@@ -250,6 +253,7 @@ class Datapath:
             # container id), or a retired veth whose pod end still holds the name in
             # the pod: remove them now, then try once more.
             self._delete_link(host, spec.host_ifname)
+            self.list_host_veths()  # queues retired veths, also those of an earlier agent
             self.reap()
             try:
                 host.call(create)
