@@ -234,6 +234,8 @@ def _spec(**kw: object) -> PodNetSpec:
         ({"container_id": ""}, "container_id is empty"),
         ({"netns": ""}, "netns path is empty"),
         ({"ifname": "x" * 16}, "bad interface name"),
+        ({"ifname": "eth 0"}, "bad interface name"),
+        ({"host_ifname": "veth123"}, "starting with 'flk'"),
         ({"mtu": 20}, "MTU 20 out of range"),
         ({"v4": None, "extra_addresses": (ip("192.0.2.9"),)}, "192.0.2.9 is IPv4"),
         ({"v6": None, "anycast": (ip("2001:db8::9"),)}, "2001:db8::9 is IPv6"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,14 @@ def veth_macs(container_id: str, ifname: str = "eth0") -> tuple[str, str]:
     return rtnl.mac_str(host), rtnl.mac_str(pod)
 
 
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def valid_ifname(name: str) -> bool:
+    """A Linux interface name (<= 15 chars, no '/', ':', blanks; not '.' or '..')."""
+    return bool(_IFNAME_RE.fullmatch(name)) and name not in (".", "..")
+
+
 def prefixlen(ip: IPAddress) -> int:
     return 128 if ip.version == 6 else 32
 
@@ -79,7 +88,7 @@ class PodNetSpec:
             raise ValueError("PodNetSpec: container_id is empty")
         if not self.netns:
             raise ValueError("PodNetSpec: netns path is empty")
-        if not self.ifname or len(self.ifname) > IFNAMSIZ or "/" in self.ifname:
+        if not valid_ifname(self.ifname):
             raise ValueError(f"PodNetSpec: bad interface name {self.ifname!r}")
         if self.v6 is None and self.v4 is None:
             raise ValueError("PodNetSpec: neither a v6 nor a v4 primary address")
@@ -92,8 +101,13 @@ class PodNetSpec:
                     "primary (the default route of that family would be missing)"
                 )
         if self.host_ifname:
-            if len(self.host_ifname) > IFNAMSIZ:
-                raise ValueError(f"PodNetSpec: host interface name {self.host_ifname!r} too long")
+            if not valid_ifname(self.host_ifname) or not self.host_ifname.startswith(
+                HOST_VETH_PREFIX
+            ):
+                raise ValueError(
+                    f"PodNetSpec: host interface name {self.host_ifname!r} is not a valid "
+                    f"name starting with {HOST_VETH_PREFIX!r}"
+                )
         else:
             object.__setattr__(self, "host_ifname", host_veth_name(self.container_id, self.ifname))
 
