@@ -407,7 +407,7 @@ def _cni(lab: Lab, rec: PodRecord, command: str) -> dict[str, Any]:
         ifname=rec.ifname,
         pod_namespace=rec.namespace,
         pod_name=rec.name,
-        pod_uid=_uid(rec),
+        pod_uid=rec.uid,
     )
     if not res.ok:
         detail = res.stdout.strip() or res.stderr.strip()
@@ -429,14 +429,15 @@ def _attach_pod(lab: Lab, pod: PodSpec) -> PodRecord:
     uid = new_uid()
     lab.datastore.put_pod(pod, uid=uid, ready=False)
     ns = pod_netns(lab.name, pod)
-    netns.create(ns)
     lab.state.add_netns(ns, role=f"pod {pod.key}")
+    netns.create(ns)
     rec = PodRecord(
         namespace=pod.namespace,
         name=pod.name,
         node=pod.node,
         netns=ns,
         container_id=uid.replace("-", ""),
+        uid=uid,
     )
     lab.state.pods[pod.key] = rec
     lab.state.save()
@@ -447,11 +448,6 @@ def _attach_pod(lab: Lab, pod: PodSpec) -> PodRecord:
     return rec
 
 
-def _uid(rec: PodRecord) -> str:
-    c = rec.container_id
-    return f"{c[:8]}-{c[8:12]}-{c[12:16]}-{c[16:20]}-{c[20:]}"
-
-
 def ready(name: str, ref: str, value: bool) -> None:
     lab = Lab.open(name)
     pod = lab.pod(ref)
@@ -459,9 +455,7 @@ def ready(name: str, ref: str, value: bool) -> None:
     lab.topo = lab.topo.with_ready(pod.key, value)
     lab.save_topology()
     if rec is not None:
-        lab.datastore.set_ready(
-            lab.topo.pod(pod.key), uid=_uid(rec), ready=value, ips=rec.addresses
-        )
+        lab.datastore.set_ready(lab.topo.pod(pod.key), uid=rec.uid, ready=value, ips=rec.addresses)
 
 
 def converge(name: str, *, timeout: float = ROUTE_TIMEOUT) -> tuple[float, dict[str, set[str]]]:

@@ -68,6 +68,7 @@ class PodRecord:
     node: str
     netns: str
     container_id: str
+    uid: str = ""  # the Pod object's metadata.uid
     ifname: str = "eth0"
     addresses: list[str] = field(default_factory=list)
 
