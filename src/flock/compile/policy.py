@@ -208,6 +208,19 @@ def _peers_key(peers: tuple[Peer, ...], policy_ns: str) -> str:
 PodKey = tuple[str, str]
 
 
+_NAME_OK: dict[str, bool] = {}
+
+
+def _port_name_ok(name: str) -> bool:
+    """valid_port_name, memoised: a cluster uses a handful of port names."""
+    ok = _NAME_OK.get(name)
+    if ok is None:
+        ok = valid_port_name(name)
+        if len(_NAME_OK) < 4096:
+            _NAME_OK[name] = ok
+    return ok
+
+
 class _PodInfo:
     """What the compiler needs from one pod, computed once per pod object."""
 
@@ -224,7 +237,7 @@ class _PodInfo:
         # (name, proto, fam) -> {"addr . port"}
         self.named: dict[tuple[str, Proto, int], set[str]] = {}
         for cp in pod.container_ports:
-            if cp.name and valid_port_name(cp.name):
+            if cp.name and _port_name_ok(cp.name):
                 for fam, lst in self.addrs.items():
                     for _, text in lst:
                         self.named.setdefault((cp.name, cp.protocol, fam), set()).add(
