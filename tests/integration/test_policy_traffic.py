@@ -694,3 +694,40 @@ def test_refused_transaction_leaves_the_previous_ruleset(fresh: Cluster) -> None
         engine.sync(fresh.inputs(0, [P("alpha", "deny", {"podSelector": {}})]))
     assert kernel_table(node) == before
     assert "nosuchchain" in (engine.status()["last_error"] or "")
+
+
+def test_selector_operators_and_union_with_allow_all(fresh: Cluster) -> None:
+    """matchExpressions NotIn / Exists / DoesNotExist / In on pods and namespaces, and a
+    policy with an empty rule (`{}`: every peer, every port) added to a deny-all:
+    allowed traffic is the union of the selecting policies."""
+    fresh.apply(
+        [
+            P("alpha", "deny", {"podSelector": {}}),
+            P("alpha", "web-open", {"podSelector": {"matchLabels": {"app": "web"}},
+                                    "ingress": [{}]}),
+            P(
+                "alpha",
+                "not-web",
+                {
+                    "podSelector": {"matchExpressions": [
+                        {"key": "app", "operator": "NotIn", "values": ["web"]}]},
+                    "ingress": [{"from": [
+                        {"namespaceSelector": {"matchExpressions": [
+                            {"key": "team", "operator": "NotIn", "values": ["red"]}]},
+                         "podSelector": {"matchExpressions": [
+                             {"key": "app", "operator": "Exists"}]}},
+                        {"podSelector": {"matchExpressions": [
+                            {"key": "legacy", "operator": "DoesNotExist"},
+                            {"key": "app", "operator": "In", "values": ["web"]}]}},
+                    ]}],
+                },
+            ),
+        ]
+    )  # fmt: skip
+
+    def expect(s: Endpoint, d: Endpoint, proto: str, port: int) -> bool:
+        if d.name in ("alpha/cli", "alpha/db"):
+            return s.namespace == "beta" or is_(s, "alpha/web")
+        return True
+
+    check_truth_table(fresh, [80], expect)
