@@ -408,6 +408,20 @@ def test_controller_table_follows_sync_update_allow_list_and_agent_restart() -> 
         assert ctl.table.dump() == many - {N("198.51.100.7/32")}
         wait_until("v4 gone", lambda: _bird_routes(ctl, loop), lambda c: c == {6: 600, 4: 0})
 
+        # BIRD down while the NodeConfig changes: the table is still updated, and the
+        # configure that failed is retried by the next sync.
+        from flock.apply.bird import BirdUnavailable
+
+        bird.stop()
+        with pytest.raises(BirdUnavailable):
+            loop.run_until_complete(ctl.sync(cfg, many))
+        assert N("198.51.100.7/32") in ctl.table.dump()
+        bird.start()
+        res = loop.run_until_complete(ctl.sync(cfg, many))
+        assert res.configured and res.added == 0
+        res = loop.run_until_complete(ctl.sync(narrowed, many))
+        assert res.configured and ctl.table.dump() == many - {N("198.51.100.7/32")}
+
         # A new agent (restart) with a smaller desired set removes what it no longer wants.
         ctl2 = BirdController(config_path=bird.config_path, socket_path=bird.socket_path, netns=ns)
         keep = {one}

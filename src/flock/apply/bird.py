@@ -367,7 +367,8 @@ class BirdController:
             lambda: asyncio.to_thread(local_addresses, netns)
         )
         self._local: Sequence[LocalAddress] | None = None
-        self._node: NodeConfig | None = None
+        self._node: NodeConfig | None = None  # judges exports (set by every sync)
+        self._configured_node: NodeConfig | None = None  # what BIRD's config was rendered from
         self._config_text: str | None = None
         self._exports: set[IPNetwork] = set()
         self._applied: set[IPNetwork] | None = None  # what the kernel table holds, once known
@@ -410,10 +411,12 @@ class BirdController:
             self._log_rejected(result)
             self._exports -= gone
             self._exports |= new
+            self._node = node
             if self.options.mechanism is Mechanism.KERNEL:
-                # Table first (withdrawals are what must be fast), then the config if it changed.
+                # Table first (withdrawals are what must be fast), then the config if it changed
+                # (or an earlier configure failed).
                 await self._apply_table(result, remove=gone, add=new)
-                if node != self._node or self._config_text is None:
+                if node != self._configured_node or self._config_text is None:
                     result.configured = await self._configure(node, force=False)
             else:
                 result.removed, result.added = len(gone), len(new)
@@ -490,8 +493,8 @@ class BirdController:
 
     async def _configure(self, node: NodeConfig, *, force: bool) -> bool:
         text = await self._render(node)
-        self._node = node
         if text == self._config_text and not force:
+            self._configured_node = node
             return False
         await asyncio.to_thread(write_atomically, self.config_path, text, durable=False)
         path = str(self.config_path)
@@ -499,6 +502,7 @@ class BirdController:
             raise ValueError(f"config path {path!r} must not contain a double quote")
         await self.client.command(f'configure "{path}"')
         self._config_text = text
+        self._configured_node = node
         self._reboot_mark = await self._status_mark()
         return True
 
