@@ -255,6 +255,33 @@ def test_outside_aggregate_addresses_learned_as_host_routes(lab: Lab) -> None:
         lab.export(n1)
 
 
+def test_stray_routes_in_the_export_table_never_reach_the_router(lab: Lab) -> None:
+    """The export filter, not only the agent, decides: nothing else can leave."""
+    all_established(lab)
+    n1 = lab.nodes[0]
+    table = str(n1.ctl.options.export_table)
+    strays = [
+        ["-4", "blackhole", "203.0.113.9/32", "proto", "241"],  # outside the allow-list
+        ["-6", "blackhole", "2001:db8:a:1::/64", "proto", "241"],  # not a host route
+        ["-6", "blackhole", "2001:db8:a::77/128", "proto", "99"],  # not our protocol
+    ]
+    for args in strays:
+        netns.run(["ip", args[0], "route", "add", *args[1:], "table", table], netns=n1.ns)
+    try:
+        # A legitimate export after the strays: once FRR has it, BIRD has seen them all.
+        lab.export(n1, "2001:db8:a::78/128")
+        wait_until("control", lambda: lab.routes(6).get("2001:db8:a::78/128"), lambda p: bool(p))
+        r6, r4 = lab.routes(6), lab.routes(4)
+        assert "2001:db8:a:1::/64" not in r6 and "2001:db8:a::77/128" not in r6
+        assert "203.0.113.9/32" not in r4
+    finally:
+        for args in strays:
+            netns.run(
+                ["ip", args[0], "route", "del", *args[1:], "table", table], netns=n1.ns, check=False
+            )
+        lab.export(n1)
+
+
 def test_traffic_from_router_reaches_the_anycast_replica(lab: Lab) -> None:
     all_established(lab)
     n1 = lab.nodes[0]
