@@ -731,3 +731,43 @@ def test_selector_operators_and_union_with_allow_all(fresh: Cluster) -> None:
         return True
 
     check_truth_table(fresh, [80], expect)
+
+
+def test_pod_joining_and_leaving_an_interval_set(fresh: Cluster) -> None:
+    """A set mixing ipBlocks (with excepts) and a pod selector is an interval set; a pod
+    that starts and stops matching is one element added and deleted in the kernel."""
+    web = fresh.by_name("beta/web")
+    saved = dict(web.labels)
+    pol = P(
+        "alpha",
+        "mixed",
+        {
+            "podSelector": {"matchLabels": {"app": "db"}},
+            "ingress": [{"from": [
+                {"ipBlock": {"cidr": "203.0.113.0/24", "except": ["203.0.113.11/32"]}},
+                {"ipBlock": {"cidr": "2001:db8:e::/64", "except": ["2001:db8:e::11/128"]}},
+                {"namespaceSelector": {}, "podSelector": {"matchLabels": {"role": "client"}}},
+            ]}],
+        },
+    )  # fmt: skip
+    db_node = fresh.nodes[fresh.by_name("alpha/db").node]
+    full_before = [eng.status()["full_syncs"] for eng in fresh.engines]
+
+    def allowed(*names: str) -> Expect:
+        return lambda s, d, p, n: not is_(d, "alpha/db") or s.name in names
+
+    try:
+        fresh.apply([pol])
+        check_truth_table(fresh, [80], allowed("ext1"))
+        web.labels = {**saved, "role": "client"}
+        fresh.apply([pol])
+        check_truth_table(fresh, [80], allowed("ext1", "beta/web"))
+        incremental = kernel_table(db_node)
+        sets = [v for k, v in incremental.items() if k.startswith("set peer_")]
+        assert sets and all(flags == ["interval"] for _, flags, _ in sets)
+        web.labels = saved
+        fresh.apply([pol])
+        check_truth_table(fresh, [80], allowed("ext1"))
+    finally:
+        web.labels = saved
+    assert [eng.status()["full_syncs"] for eng in fresh.engines] == full_before
