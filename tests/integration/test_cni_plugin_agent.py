@@ -1,0 +1,155 @@
+"""The plugin against the real agent in a node namespace, as a runtime drives it.
+
+Per CNI version the runtime may use (0.4.0, 1.0.0, 1.1.0) and per installed
+form of the plugin (host Python, self-contained bundle): ADD gives a result of
+that version whose addresses are on the pod's eth0, CHECK with that result as
+prevResult passes, DEL twice succeeds. And the DEL-while-the-agent-is-down
+path end to end: the plugin records the DEL, the runtime removes the sandbox,
+the restarted agent replays it, and nothing is left held or in the kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flock.cni import install
+from flock.testbed import netns
+from flock.testbed.node import Pod, TestNode
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = {"cidr6": ["2001:db8:f0::/64"], "cidr4": ["10.240.0.0/24"]}
+
+
+def _bundle(root: Path) -> Path:
+    out = root / "bundle"
+    if not out.exists():
+        subprocess.run(
+            ["/usr/bin/python3", str(REPO / "packaging/build_plugin_bundle.py"), "--out", out],
+            check=True,
+            capture_output=True,
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    if not (shutil.which("cc") and shutil.which("ldd")):
+        return None
+    return _bundle(tmp_path_factory.mktemp("fp-bundle"))
+
+
+@pytest.fixture(params=["python", "bundle"])
+def fpnode(request: pytest.FixtureRequest, bundle_dir: Path | None) -> Iterator[TestNode]:
+    if request.param == "bundle" and bundle_dir is None:
+        pytest.skip("building the bundle needs cc and ldd")
+    node = TestNode.create("fp", v6="2001:db8:ff::1/64", v4="198.51.100.1/24")
+    try:
+        if request.param == "bundle":
+            assert bundle_dir is not None
+            install.install(
+                bin_dir=node.bin_dir, conf_dir=node.base_dir / "net.d", bundle=bundle_dir
+            )
+        node.set_node_config(SPEC)
+        node.start_agent()
+        yield node
+    finally:
+        log = node.log_tail(40)
+        node.destroy()
+        print(log)
+
+
+def eth0_addrs(pod: Pod) -> set[str]:
+    rows = json.loads(pod.exec("ip", "-j", "addr", "show", "dev", "eth0"))
+    return {a["local"] for a in rows[0]["addr_info"] if a.get("scope") == "global"}
+
+
+@pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
+def test_add_check_del_at_each_version(fpnode: TestNode, version: str) -> None:
+    conf = fpnode.network_config(cniVersion=version)
+    uid = fpnode.put_pod("web")
+    ns_name = fpnode.new_pod_netns()
+    pod = Pod("default", "web", uid, ns_name, "fp" + version.replace(".", "") + "c0ffee")
+    fpnode.pods["default/web"] = pod
+    add = fpnode.cni("ADD", **_env(pod), config=conf)
+    assert add.ok, add.stdout + add.stderr
+    result = add.json
+    assert result["cniVersion"] == version
+    ips = [ip["address"] for ip in result["ips"]]
+    assert len(ips) == 2 and ips[0].endswith("/128") and ips[1].endswith("/32")
+    if version == "0.4.0":
+        assert [ip["version"] for ip in result["ips"]] == ["6", "4"]
+    else:
+        assert all("version" not in ip for ip in result["ips"])
+    assert eth0_addrs(pod) == {a.split("/")[0] for a in ips}
+    sandbox = [i for i in result["interfaces"] if i.get("sandbox")]
+    assert [(i["name"], i["sandbox"]) for i in sandbox] == [("eth0", pod.netns_path)]
+    # mtu on interfaces is a 1.1.0 field: the plugin strips it for older runtimes.
+    allowed = {"name", "mac", "sandbox"} | ({"mtu"} if version == "1.1.0" else set())
+    assert all(set(i) <= allowed for i in result["interfaces"]), result["interfaces"]
+
+    check = fpnode.cni("CHECK", **_env(pod), config={**conf, "prevResult": result})
+    assert check.ok and check.stdout == "", check.stdout
+    for _ in range(2):
+        gone = fpnode.cni("DEL", **_env(pod), config={**conf, "prevResult": result})
+        assert gone.ok and gone.stdout == "", gone.stdout
+    assert fpnode.status()["allocations"] == []
+
+
+def test_status_follows_the_agent(fpnode: TestNode) -> None:
+    assert fpnode.cni_status().ok
+    fpnode.stop_agent()
+    res = fpnode.cni_status()
+    assert not res.ok
+    assert res.json["code"] == 50 and str(fpnode.socket) in res.json["details"]
+    fpnode.start_agent()
+    assert fpnode.cni_status().ok
+
+
+def test_del_while_agent_is_down_is_replayed_at_restart(fpnode: TestNode) -> None:
+    pod = fpnode.add_pod("doomed")
+    keep = fpnode.add_pod("keep")
+    assert {a["pod"] for a in fpnode.status()["allocations"]} == {"doomed", "keep"}
+    fpnode.stop_agent()
+
+    t0 = time.monotonic()
+    res = fpnode.cni_del(pod, config=fpnode.network_config(agentTimeout=1))
+    assert res.ok and res.stdout == "", res.stdout + res.stderr
+    assert time.monotonic() - t0 < 10  # pod deletion is not wedged
+    assert "recorded" in res.stderr
+    spool = fpnode.state_dir / "deferred-del"
+    assert [p.name for p in spool.iterdir()] == [f"{pod.container_id}@eth0.json"]
+    netns.delete(pod.netns_name)  # the runtime removes the sandbox after a successful DEL
+    fpnode.pods.pop("default/doomed")
+
+    fpnode.start_agent()
+    assert [a["pod"] for a in fpnode.status()["allocations"]] == ["keep"]
+    assert list(spool.iterdir()) == []
+    doomed_veth = pod.result.json["interfaces"][0]["name"]  # type: ignore[union-attr]
+    links = json.loads(fpnode.exec("ip", "-j", "link", "show") or "[]")
+    assert doomed_veth not in {ln["ifname"] for ln in links}
+    assert fpnode.cni_check(keep).ok
+    # The freed IPv4 address (the lowest free one) is handed out again.
+    again = fpnode.add_pod("again")
+    assert again.result is not None and pod.result is not None
+    assert again.result.ips()[1] == pod.result.ips()[1]
+
+
+def _env(pod: Pod) -> dict[str, Any]:
+    return {
+        "container_id": pod.container_id,
+        "netns_path": pod.netns_path,
+        "ifname": pod.ifname,
+        "pod_namespace": pod.namespace,
+        "pod_name": pod.name,
+        "pod_uid": pod.uid,
+    }
