@@ -184,7 +184,8 @@ class PolicyEngine:
 
     def __init__(self, nft: Nft) -> None:
         self.nft = nft
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one sync at a time
+        self._status_lock = threading.Lock()  # status() never waits for a sync
         self._applied: Ruleset | None = None
         self._compiler = PolicyCompiler()
         self._status = PolicyStatus()
@@ -196,50 +197,59 @@ class PolicyEngine:
     def sync(self, inputs: PolicyInputs, *, full: bool = False) -> None:
         with self._lock:
             t0 = time.perf_counter()
-            self._status.rejected_policies = {
-                f"{ns}/{name}": msg for (ns, name), msg in sorted(inputs.rejected.items())
-            }
-            for key, msg in self._status.rejected_policies.items():
-                log.warning("NetworkPolicy %s rejected: %s", key, msg)
+            rejected = {f"{ns}/{name}": msg for (ns, name), msg in sorted(inputs.rejected.items())}
+            for key, msg in rejected.items():
+                if self._status.rejected_policies.get(key) != msg:
+                    log.warning("NetworkPolicy %s rejected, not enforced: %s", key, msg)
+            with self._status_lock:
+                self._status.rejected_policies = rejected
             try:
                 desired = self._compiler.compile(inputs)
             except Exception as exc:
                 self._compiler = PolicyCompiler()  # its caches may be half-updated
-                self._status.last_error = f"compile: {exc}"
+                self._fail(f"compile: {exc}")
                 log.exception("policy compile failed; kernel keeps the previous ruleset")
                 raise
             t1 = time.perf_counter()
             try:
-                self._apply(desired, full=full)
-            except NftError as exc:
-                self._status.last_error = f"apply: {exc}"
+                full_done = self._apply(desired, full=full)
+            except Exception as exc:  # NftError, or nft not runnable / timed out
+                self._fail(f"apply: {exc}")
                 log.error("policy apply failed; kernel keeps the previous ruleset: %s", exc)
                 raise
             t2 = time.perf_counter()
-            st = self._status
-            st.syncs += 1
-            st.last_sync = time.time()
-            st.last_compile_s = t1 - t0
-            st.last_apply_s = t2 - t1
-            st.last_duration_s = t2 - t0
-            st.last_error = None
-            st.counts = desired.summary()
+            counts = desired.summary()
+            with self._status_lock:
+                st = self._status
+                st.syncs += 1
+                st.full_syncs += full_done
+                st.last_sync = time.time()
+                st.last_compile_s = t1 - t0
+                st.last_apply_s = t2 - t1
+                st.last_duration_s = t2 - t0
+                st.last_error = None
+                st.counts = counts
 
-    def _apply(self, desired: Ruleset, *, full: bool) -> None:
+    def _fail(self, msg: str) -> None:
+        with self._status_lock:
+            self._status.last_error = msg
+
+    def _apply(self, desired: Ruleset, *, full: bool) -> bool:
+        """Put `desired` in the kernel; True if that took a full table replace."""
         old = self._applied
         if old is not None and not full:
             script = render_update(old, desired)
             if not script:
-                return
+                return False
             try:
                 self.nft.run(script)
                 self._applied = desired
-                return
+                return False
             except NftError as exc:
                 log.warning("incremental policy update refused (%s); replacing the table", exc)
         self.nft.run(render_full(desired))
         self._applied = desired
-        self._status.full_syncs += 1
+        return True
 
     def remove(self) -> None:
         """Delete our table (agent uninstall); nothing else is touched."""
@@ -248,5 +258,5 @@ class PolicyEngine:
             self._applied = None
 
     def status(self) -> dict[str, Any]:
-        with self._lock:
+        with self._status_lock:
             return self._status.as_dict()
