@@ -12,9 +12,10 @@ Shape (table `inet flock`, nothing else is ever touched):
   rule, family, protocol), ending in `drop`. The egress chain allows with `return`
   (not `accept`), so a same-node packet that passes the sender's egress is still
   checked against the receiver's ingress by the second vmap.
-* peer sets: one named set per distinct (`from`/`to` list, family); pod addresses
-  and ipBlocks (with `except` already subtracted) are kept as non-overlapping
-  intervals. A rule costs one set lookup whatever the number of pods it names.
+* peer sets: one named set per distinct (`from`/`to` list, family): a hash set of pod
+  addresses, or, when the list has an ipBlock, an interval set of non-overlapping
+  ranges (`except` already subtracted; pod addresses inside a block absorbed). A rule
+  costs one set lookup whatever the number of pods it names.
 * named ports: ingress names resolve per destination pod at compile time (the
   destination is the local pod). Egress names resolve per destination too, through
   a set `np_<name>_<proto>_<fam>` of `address . port` over every pod that declares
@@ -23,9 +24,12 @@ Shape (table `inet flock`, nothing else is ever touched):
 Traffic between a pod and its own node passes through input/output, which we do
 not hook: Kubernetes allows it whatever the policy.
 
-`render_full` gives a script that replaces the table atomically; `render_update`
-gives the minimal transaction from one compiled state to another (element adds
-and deletes, chain flush + refill, map entries), applied atomically by `nft -f`.
+`PolicyCompiler.compile` is pure in its result (a fresh compiler gives the same
+ruleset) but keeps indexes between calls, so that one changed pod or policy costs
+work in proportion to the change. `render_full` gives a script that replaces the
+table atomically; `render_update` gives the minimal transaction from one compiled
+state to another (element adds and deletes, chain flush + refill, map entries),
+applied atomically by `nft -f`.
 """
 
 from __future__ import annotations
