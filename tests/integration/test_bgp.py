@@ -255,6 +255,46 @@ def test_outside_aggregate_addresses_learned_as_host_routes(lab: Lab) -> None:
         lab.export(n1)
 
 
+def test_node_config_change_applies_without_dropping_sessions(lab: Lab) -> None:
+    all_established(lab)
+    n2 = lab.nodes[1]
+
+    def dropped() -> dict[str, int]:
+        data = lab.router.vtysh_json("show bgp neighbors json", daemon="bgpd") or {}
+        return {a: int(data[a]["connectionsDropped"]) for a in (n2.v6, n2.v4)}
+
+    before = dropped()
+    extra = {
+        "cidr6": [*map(str, n2.config.spec.cidr6), "2001:db8:f0f2::/64"],
+        "allowedAddresses": [
+            {"cidr": "2001:db8:a::/48"},
+            {"cidr": "198.51.100.0/24"},
+            {"cidr": "2001:db8:c::/48"},
+        ],
+    }
+    obj = {
+        "apiVersion": "flock.fritzlab.net/v1alpha1",
+        "kind": "NodeConfig",
+        "metadata": {"name": "node2"},
+        "spec": n2.config.spec.model_dump(mode="json", by_alias=True, exclude_none=True) | extra,
+    }
+    changed = NodeConfig.from_object(obj)
+    try:
+        res = lab.run(n2.ctl.sync(changed, {N("2001:db8:c::1/128")}))
+        assert res.configured and res.added == 1
+        wait_until(
+            "new aggregate and newly allowed /128",
+            lambda: lab.routes(6),
+            lambda r: "2001:db8:f0f2::/64" in r and "2001:db8:c::1/128" in r,
+        )
+        assert dropped() == before
+        assert all(lab.router.neighbor_states()[a] == "Established" for a in (n2.v6, n2.v4))
+    finally:
+        lab.run(n2.ctl.sync(n2.config, set()))
+    wait_until("back", lambda: lab.routes(6), lambda r: "2001:db8:f0f2::/64" not in r)
+    assert dropped() == before
+
+
 def test_stray_routes_in_the_export_table_never_reach_the_router(lab: Lab) -> None:
     """The export filter, not only the agent, decides: nothing else can leave."""
     all_established(lab)
