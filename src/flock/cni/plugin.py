@@ -35,7 +35,7 @@ import posix
 import sys
 import time
 
-try:  # The C accelerator of the json package; see _Codec for why it is used directly.
+try:  # json's C accelerator, used directly: see the module docstring for why.
     import _json
 except ImportError:  # pragma: no cover - every CPython build has it
     _json = None  # type: ignore[assignment]
@@ -81,7 +81,7 @@ _NAME_REST = _NAME_FIRST | frozenset("_.-")
 _JSON_WS = " \t\n\r"
 _HINT_AGENT = (
     "is the flock agent running on this node? "
-    "(kubectl -n kube-system get pods -l app=flock -o wide; "
+    "(kubectl -n kube-system get pods -l app=flock-agent -o wide; "
     "the socket path is the network config's agentSocket)"
 )
 
