@@ -181,7 +181,7 @@ def render(
         f"# Rendered by flock for node {_comment(node.name)}. Do not edit: the agent rewrites it.",
         f"router id {rid};",
         "timeformat protocol iso long;",
-        "timeformat base iso long;",
+        "timeformat base iso long ms;",  # "Last reboot" tells restarts apart
         "log stderr { info, remote, warning, error, auth, fatal, bug };",
         "",
         "protocol device { scan time 10; }",
