@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the annotation parser must raise nothing but AnnotationError.
 
 Input: UTF-8 text (invalid bytes replaced), one annotation per line as

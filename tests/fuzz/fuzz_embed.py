@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: ip-algo embedding is in range, puts each field at its documented
 hextet, is deterministic, and refuses exactly when fewer than 16 random bits remain.
 

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Fuzz target: the allocator under arbitrary sequences of allocate/release/GC/reload.
 
 Input bytes are read in pairs (opcode, argument). After every step: no two live
