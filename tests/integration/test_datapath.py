@@ -537,3 +537,30 @@ def test_setup_clears_a_retired_veth_of_an_earlier_agent_holding_the_name(
         again.setup_pod(s)
         assert again.check_pod(s) == []
         assert flk_links(node) == [s.host_ifname]
+
+
+def test_concurrent_churn_leaves_nothing(node: Node, pod_netns: Callable[[], str]) -> None:
+    """16 threads adding and deleting pods while the reaper runs: no error, nothing left."""
+    paths = [pod_netns() for _ in range(16)]
+    errors: list[BaseException] = []
+    with Datapath(host_netns=node.path, reap_delay=0.005) as d:
+
+        def work(t: int) -> None:
+            try:
+                for round_ in range(4):
+                    s = spec(f"c-churn{t}-{round_}", paths[t], v6=t, v4=t)
+                    d.setup_pod(s)
+                    assert d.check_pod(s) == []
+                    d.teardown_pod(container_id=s.container_id)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert d.list_host_veths() == []
+        assert our_routes(node) == []
+    assert flk_links(node) == []

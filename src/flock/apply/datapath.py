@@ -176,6 +176,11 @@ class Datapath:
         self._reap_wanted.set()
         if reaper is not None:
             reaper.join()
+        if self._pending_slots:  # retired while the reaper was finishing its last round
+            try:
+                self.reap()
+            except Exception:
+                log.exception("final reap of retired veths failed")
         with self._lock:
             for sock in self._sockets:
                 sock.close()
