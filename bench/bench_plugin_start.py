@@ -17,7 +17,9 @@ result at once), for:
                       (the alternative to our bundle; not a dependency of flock)
 
 Runs are interleaved round-robin across the ways so that machine noise hits
-them alike. Usage: bench/bench_plugin_start.py [-n 200] [--pyinstaller /path/to/pyinstaller]
+them alike; the CPU time (user+sys of the plugin process, from getrusage) is
+printed beside the wall time because it does not grow when other work shares
+the machine. Usage: bench/bench_plugin_start.py [-n 200] [--pyinstaller /path/to/pyinstaller]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -145,28 +148,39 @@ def main() -> int:
             ),
         }
         times: dict[tuple[str, str], list[float]] = {(w, v): [] for w in ways for v in verbs}
+        cpu: dict[tuple[str, str], list[float]] = {(w, v): [] for w in ways for v in verbs}
         try:
             for _ in range(args.n):
                 for verb, (env, stdin) in verbs.items():
                     for way, argv in ways.items():
+                        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         t0 = time.perf_counter()
                         p = subprocess.run(argv, input=stdin, env=env, capture_output=True)
                         dt = (time.perf_counter() - t0) * 1000
+                        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                         if not way.startswith("floor") and p.returncode != 0:
                             raise SystemExit(f"{way} {verb} failed: {p.stdout!r} {p.stderr!r}")
                         times[(way, verb)].append(dt)
+                        used = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+                        cpu[(way, verb)].append(used * 1000)
         finally:
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"plugin exec -> exit, ms, n={args.n} each; {os.cpu_count()} CPUs, load avg {load}")
-    print(f"{'way':<18} {'VERSION p50':>12} {'p99':>7} {'ADD p50':>9} {'p99':>7}")
+    print("wall: exec to exit; cpu: the plugin process's user+sys time (robust to load)")
+    print(
+        f"{'way':<18} {'VERSION p50':>12} {'p99':>7} {'cpu p50':>8}"
+        f" {'ADD p50':>9} {'p99':>7} {'cpu p50':>8}"
+    )
     for way in ways:
         v, a = times[(way, "VERSION")], times[(way, "ADD")]
+        vc, ac = cpu[(way, "VERSION")], cpu[(way, "ADD")]
         print(
             f"{way:<18} {statistics.median(v):>12.2f} {pct(v, 0.99):>7.2f}"
-            f" {statistics.median(a):>9.2f} {pct(a, 0.99):>7.2f}"
+            f" {statistics.median(vc):>8.2f}"
+            f" {statistics.median(a):>9.2f} {pct(a, 0.99):>7.2f} {statistics.median(ac):>8.2f}"
         )
     return 0
 
