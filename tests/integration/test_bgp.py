@@ -503,3 +503,66 @@ def test_controller_table_follows_sync_update_allow_list_and_agent_restart() -> 
         bird.stop()
         netns.delete(ns)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_ipv4_prefixes_ride_the_ipv6_session_when_there_is_no_ipv4_peer() -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="fbenh"))
+    os.chmod(workdir, 0o755)
+    rns, nns = netns.unique_name("fbr", 8), netns.unique_name("fbn", 8)
+    made: list[str] = []
+    loop = asyncio.new_event_loop()
+    router = FrrRouter(rns, workdir / "router")
+    bird = BirdDaemon(nns, workdir / "node")
+    ctl: BirdController | None = None
+    try:
+        for ns in (rns, nns):
+            netns.create(ns, forwarding=True)
+            made.append(ns)
+            no_dad(ns)
+        netns.veth(rns, "r1", nns, "up0")
+        netns.add_address(rns, "r1", "2001:db8:9::1/64")
+        netns.add_address(nns, "up0", "2001:db8:9::2/64")
+        router.start(
+            router_config(
+                asn=ROUTER_ASN,
+                router_id=ipaddress.IPv4Address("10.0.0.254"),
+                neighbors=[
+                    Neighbor(ipaddress.ip_address("2001:db8:9::2"), 65109, ipv4_over_ipv6=True)
+                ],
+            )
+        )
+        bird.start()
+        ctl = BirdController(config_path=bird.config_path, socket_path=bird.socket_path, netns=nns)
+        cfg = NodeConfig.from_object(
+            {
+                "apiVersion": "flock.fritzlab.net/v1alpha1",
+                "kind": "NodeConfig",
+                "metadata": {"name": "node9"},
+                "spec": {
+                    "cidr6": ["2001:db8:f009::/64"],
+                    "cidr4": ["10.1.9.0/24"],
+                    "allowedAddresses": [{"cidr": "198.51.100.0/24"}],
+                    "bgp": {"asn": 65109, "peers": [{"address": "2001:db8:9::1", "asn": 65000}]},
+                },
+            }
+        )
+        loop.run_until_complete(ctl.sync(cfg, {N(ANY4)}))
+        r4 = wait_until(
+            "IPv4 over the IPv6 session",
+            lambda: router.bgp_routes(4),
+            lambda r: r.get("10.1.9.0/24") == {"2001:db8:9::2"} and ANY4 in r,
+        )
+        assert r4[ANY4] == {"2001:db8:9::2"}
+        assert router.bgp_routes(6).get("2001:db8:f009::/64") == {"2001:db8:9::2"}
+        # zebra installs the IPv4 route via the node's IPv6 next hop on r1.
+        hops = wait_until("FIB", lambda: router.fib_nexthops("10.1.9.0/24"), lambda h: bool(h))
+        assert {ifname for _, ifname in hops} == {"r1"}
+    finally:
+        if ctl is not None:
+            loop.run_until_complete(ctl.close())
+        loop.close()
+        router.stop()
+        bird.stop()
+        for ns in reversed(made):
+            netns.delete(ns)
+        shutil.rmtree(workdir, ignore_errors=True)

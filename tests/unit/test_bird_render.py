@@ -395,3 +395,15 @@ def test_property_password_is_either_refused_or_quoted_verbatim(pw: str) -> None
         assert not pw or len(pw) > 80 or any(c == '"' or not " " <= c <= "~" for c in pw)
         return
     assert f'password "{pw}";' in text and "\n" not in pw and '"' not in pw
+
+
+def test_ipv4_rides_ipv6_sessions_only_when_no_ipv4_peer_exists() -> None:
+    with_v4_peer = render(node(BASE), local_addresses=LOCAL)
+    assert "extended next hop" not in with_v4_peer
+    spec = dict(BASE)
+    spec["bgp"] = {"asn": 65101, "peers": [{"address": "2001:db8::1", "asn": 65000}]}
+    text = render(node(spec), local_addresses=LOCAL)
+    s = block(text, "protocol bgp flock_p6_")
+    assert "ipv4 {" in s and "export filter flock_export4;" in s and "extended next hop on;" in s
+    no_v4 = {k: v for k, v in spec.items() if k not in ("cidr4", "allowedAddresses")}
+    assert "ipv4 {" not in block(render(node(no_v4), local_addresses=LOCAL), "protocol bgp ")

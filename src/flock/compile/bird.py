@@ -16,6 +16,10 @@ Two ways of feeding per-pod routes (/128 and /32) to BIRD are supported:
 - `Mechanism.STATIC`: the routes are `static` routes in the config, and every
   change is a re-render plus `configure`.
 
+Each peer gets the channel of its address family; when the node has IPv4
+prefixes but no IPv4 peer, its IPv6 sessions also carry IPv4 with IPv6 next
+hops (RFC 8950 extended next hop).
+
 In both, each BGP session's export filter accepts only the node's aggregates
 (exactly, from the aggregate protocol) and host routes from the per-pod
 protocol that fall inside the operator's allow-list (`allowedAddresses`): a
@@ -355,7 +359,23 @@ def _session(
         f"    export filter {EXPORT_FILTER[addr.version]};",
         "    next hop self;",
         "  };",
-        "}",
-        "",
     ]
-    return lines
+    if addr.version == 6 and _ipv4_over_ipv6(node):
+        # No IPv4 peer but IPv4 prefixes to announce: carry them on the IPv6
+        # session with IPv6 next hops (RFC 8950); a peer that does not
+        # negotiate it simply leaves this channel down.
+        lines += [
+            "  ipv4 {",
+            "    import none;",
+            f"    export filter {EXPORT_FILTER[4]};",
+            "    next hop self;",
+            "    extended next hop on;",
+            "  };",
+        ]
+    return [*lines, "}", ""]
+
+
+def _ipv4_over_ipv6(node: NodeConfig) -> bool:
+    peers = node.spec.bgp.peers if node.spec.bgp is not None else ()
+    has_v4 = bool(node.spec.cidr4) or any(e.cidr.version == 4 for e in node.spec.allowed_addresses)
+    return has_v4 and not any(p.address.version == 4 for p in peers)

@@ -45,6 +45,8 @@ class Neighbor:
     password: str | None = None
     keepalive: int | None = None
     hold: int | None = None
+    # An IPv6 neighbour that also carries IPv4 with IPv6 next hops (RFC 8950).
+    ipv4_over_ipv6: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,10 +90,14 @@ def router_config(
             lines.append(f" neighbor {n.address} password {n.password}")
         if n.keepalive is not None and n.hold is not None:
             lines.append(f" neighbor {n.address} timers {int(n.keepalive)} {int(n.hold)}")
+        if n.ipv4_over_ipv6:
+            lines.append(f" neighbor {n.address} capability extended-nexthop")
     for version, afi in ((6, "ipv6"), (4, "ipv4")):
         lines.append(f" address-family {afi} unicast")
         lines += [
-            f"  neighbor {n.address} activate" for n in neighbors if n.address.version == version
+            f"  neighbor {n.address} activate"
+            for n in neighbors
+            if n.address.version == version or (version == 4 and n.ipv4_over_ipv6)
         ]
         lines += [f"  maximum-paths {int(maximum_paths)}", " exit-address-family"]
     lines.append("!")
