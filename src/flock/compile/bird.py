@@ -20,10 +20,11 @@ Each peer gets the channel of its address family; when the node has IPv4
 prefixes but no IPv4 peer, its IPv6 sessions also carry IPv4 with IPv6 next
 hops (RFC 8950 extended next hop).
 
-In both, each BGP session's export filter accepts only the node's aggregates
-(exactly, from the aggregate protocol) and host routes from the per-pod
-protocol that fall inside the operator's allow-list (`allowedAddresses`): a
-stray route in BIRD, or in the export table, cannot be advertised.
+With either mechanism, each session's export filter accepts only the node's
+aggregates (exactly, from the aggregate protocol) and host routes from the
+per-pod protocol that fall inside the operator's allow-list
+(`allowedAddresses`): a stray route in BIRD, or in the export table, cannot be
+advertised.
 """
 
 from __future__ import annotations
