@@ -173,13 +173,15 @@ def changes(base: PolicyInputs) -> list[tuple[str, PolicyInputs]]:
     ]
 
 
-def bench_sync(n_local: int, nft_kind: str, repeat: int) -> dict[str, Any]:
+def bench_sync(
+    n_local: int, nft_kind: str, repeat: int, n_pods: int = 10_000, n_pol: int = 1_000
+) -> dict[str, Any]:
     """Runs inside a node namespace (see main). Times are lists of seconds."""
     gc.collect()
-    base = state(10_000, 1_000, n_local)
+    base = state(n_pods, n_pol, n_local)
     nft: Nft = NftLib() if nft_kind == "lib" else NftCli()
     delete_table(nft)
-    out: dict[str, Any] = {"local_pods": n_local, "nft": nft_kind}
+    out: dict[str, Any] = {"local_pods": n_local, "nft": nft_kind, "pods": n_pods, "pol": n_pol}
     rs = compile_inputs(base)
     out["counts"] = rs.summary()
     out["script_kb"] = len(render_full(rs)) // 1024
@@ -368,7 +370,7 @@ def in_netns(args: Sequence[str]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--inner", nargs=3, metavar=("LOCAL", "NFT", "REPEAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--inner", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--iperf-seconds", type=int, default=3)
     ap.add_argument("--iperf-runs", type=int, default=3)
@@ -376,19 +378,23 @@ def main() -> None:
     ap.add_argument("--skip-sync", action="store_true")
     args = ap.parse_args()
     if args.inner:
-        local, kind, rep = args.inner
-        print(json.dumps(bench_sync(int(local), kind, int(rep))))
+        local, kind, rep, n_pods, n_pol = args.inner
+        print(json.dumps(bench_sync(int(local), kind, int(rep), int(n_pods), int(n_pol))))
         return
     if os.geteuid() != 0:
         sys.exit("bench_policy: needs root (creates network namespaces)")
     rows = []
-    for local in () if args.skip_sync else (110, 1000):
+    for pods, pols, local in (
+        () if args.skip_sync else ((10_000, 1_000, 110), (10_000, 1_000, 1000))
+    ):
         for kind in ("cli", "lib"):
-            rows.append(in_netns([str(local), kind, str(args.repeat)]))
+            rows.append(in_netns([str(local), kind, str(args.repeat), str(pods), str(pols)]))
+    if not args.skip_sync:  # a small cluster, for the ADD latency a typical node sees
+        rows.append(in_netns(["20", "lib", str(args.repeat), "500", "50"]))
     if rows:
         load = os.getloadavg()
         print(
-            f"NetworkPolicy sync, 10,000 pods x 1,000 policies; median (min) of {args.repeat} "
+            f"NetworkPolicy sync; median (min) of {args.repeat} "
             "runs; "
             f"load average {load[0]:.1f} on {os.cpu_count()} CPUs"
         )
@@ -396,7 +402,8 @@ def main() -> None:
         for r in rows:
             c = r["counts"]
             print(
-                f"\nnode with {r['local_pods']} local pods, nft via {r['nft']}: {c['sets']} sets, "
+                f"\n{r['pods']} pods x {r['pol']} policies, {r['local_pods']} on this node, "
+                f"nft via {r['nft']}: {c['sets']} sets, "
                 f"{c['set_elements']} elements, {c['chains']} chains, {c['rules']} rules "
                 f"({r['script_kb']} KB script); RSS {r['rss_mb']:.0f} MB; "
                 f"incremental fallbacks to full: {r['full_syncs'] - 1}"
