@@ -34,6 +34,7 @@ applied atomically by `nft -f`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import ipaddress
 import re
@@ -583,6 +584,18 @@ class PolicyCompiler:
     # -- the whole ruleset -------------------------------------------------------------
 
     def compile(self, inputs: PolicyInputs) -> Ruleset:
+        # A first compile allocates ~10 small objects per pod; with 10,000 pods the
+        # cyclic GC would rescan the growing heap many times over (4x the run time).
+        # Nothing here makes reference cycles, so it is paused for the call.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._compile(inputs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _compile(self, inputs: PolicyInputs) -> Ruleset:
         self._set_namespaces(inputs.namespaces)
         self._set_pods(inputs.pods)
         grouped: dict[str, list[NetworkPolicy]] = defaultdict(list)
