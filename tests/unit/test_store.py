@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from flock.apply.store import (
     SNAPSHOT_NAME,
     AllocationStore,
     StoreError,
+    StoreLockedError,
     allocation_from_dict,
     allocation_to_dict,
 )
@@ -305,3 +307,54 @@ def test_compaction_after_load_reproduces_the_snapshot(tmp_path: Path) -> None:
     s.compact()
     s.close()
     assert (tmp_path / SNAPSHOT_NAME).read_bytes() == raw
+
+
+# ---- one writer per state directory -------------------------------------------------
+
+
+def test_second_store_on_the_same_dir_is_refused(tmp_path: Path) -> None:
+    a = fresh(tmp_path)
+    a.record_put(mk(1))
+    b = AllocationStore(tmp_path, lock_timeout=0.2)
+    with pytest.raises(StoreLockedError, match=rf"pid {os.getpid()}"):
+        b.load()
+    a.close()
+    assert [x.pod for x in b.load()] == ["pod-1"]
+    b.close()
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: take the lock, tell the parent, then wait to be killed
+        try:
+            os.close(r)
+            held = fresh(tmp_path)
+            os.write(w, b"x")
+            time.sleep(30)
+            held.close()
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"x"
+    with pytest.raises(StoreLockedError):
+        AllocationStore(tmp_path, lock_timeout=0.1).load()
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    s = AllocationStore(tmp_path, lock_timeout=2)
+    assert s.load() == []
+    s.close()
+
+
+def test_record_after_close_needs_load(tmp_path: Path) -> None:
+    s = fresh(tmp_path)
+    s.close()
+    with pytest.raises(StoreError, match="load"):
+        s.record_put(mk(1))
+
+
+def test_an_unreferenced_store_releases_its_lock(tmp_path: Path) -> None:
+    fresh(tmp_path)  # dropped at once: CPython finalises it and the lock goes with it
+    s = AllocationStore(tmp_path, lock_timeout=0)
+    s.load()
+    s.close()

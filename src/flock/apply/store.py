@@ -31,9 +31,11 @@ it is dropped (and cut off the file). Anything else unreadable is a StoreError.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
+import time
 import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -44,11 +46,16 @@ from flock.model.allocation import Allocation, AttachmentKey, IPAddress
 SCHEMA_VERSION = 1
 SNAPSHOT_NAME = "allocations.json"
 JOURNAL_NAME = "allocations.journal"
+LOCK_NAME = "allocations.lock"
 DEFAULT_STATE_DIR = Path("/var/lib/flock")
 
 
 class StoreError(RuntimeError):
     """The persisted state cannot be trusted; the message names the file and the problem."""
+
+
+class StoreLockedError(StoreError):
+    """Another process has the state directory open: two agents must never share it."""
 
 
 # ---- (de)serialisation -----------------------------------------------------------
@@ -178,11 +185,20 @@ class AllocationStore:
     compacted). Not thread-safe: the agent serialises calls.
     """
 
-    def __init__(self, state_dir: Path = DEFAULT_STATE_DIR, *, compact_every: int = 1024) -> None:
+    def __init__(
+        self,
+        state_dir: Path = DEFAULT_STATE_DIR,
+        *,
+        compact_every: int = 1024,
+        lock_timeout: float = 10.0,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / SNAPSHOT_NAME
         self.journal_path = self.state_dir / JOURNAL_NAME
+        self.lock_path = self.state_dir / LOCK_NAME
         self.compact_every = compact_every
+        self.lock_timeout = lock_timeout
+        self._lock_fd: int | None = None
         self._state: dict[AttachmentKey, Allocation] = {}
         # JSON of each allocation, kept from its journal record so that a snapshot
         # is a join rather than 100,000 re-serialisations.
@@ -197,19 +213,51 @@ class AllocationStore:
     # ---- start-up ------------------------------------------------------------
 
     def load(self) -> list[Allocation]:
-        """Read the snapshot and replay the journal. A missing state dir is an empty store."""
+        """Lock the state directory, read the snapshot and replay the journal.
+
+        A missing state directory is created and is an empty store (first start).
+        The lock (flock on allocations.lock, released by the kernel when the process
+        dies) is held until `close()`; if another process holds it for longer than
+        `lock_timeout` seconds this raises StoreLockedError.
+        """
         self.close()
-        self._state = {}
-        self._encoded = {}
-        self._seq = self._snapshot_seq = 0
-        if self.path.exists():
-            self._load_snapshot()
-        if self.journal_path.exists():
-            self._replay_journal()
-        else:
-            self._journal_records = 0
+        self._lock()
+        try:
+            self._state = {}
+            self._encoded = {}
+            self._seq = self._snapshot_seq = 0
+            if self.path.exists():
+                self._load_snapshot()
+            if self.journal_path.exists():
+                self._replay_journal()
+            else:
+                self._journal_records = 0
+        except BaseException:
+            self.close()
+            raise
         self._loaded = True
         return list(self._state.values())
+
+    def _lock(self) -> None:
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise StoreLockedError(
+                        f"{self.lock_path}: the allocation store is in use by another process "
+                        f"({holder}); two agents must never share a state directory"
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _load_snapshot(self) -> None:
         where = str(self.path)
@@ -386,7 +434,7 @@ class AllocationStore:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, end)
                 os.fdatasync(fd)
-            self.close()
+            self._close_journal()
             raise
         for k, v in pending.items():
             if v is None:
@@ -427,9 +475,21 @@ class AllocationStore:
         return list(self._state.values())
 
     def close(self) -> None:
+        """Close the journal and release the directory lock; `load()` again to reuse."""
+        self._close_journal()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._loaded = False
+
+    def _close_journal(self) -> None:
         if self._journal_fd is not None:
             os.close(self._journal_fd)
             self._journal_fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     # ---- internals -----------------------------------------------------------
 
@@ -481,7 +541,7 @@ class AllocationStore:
     def _reset_journal(self) -> None:
         # Safe at any point: the snapshot is durable and carries `seq`, so records
         # still in an old journal are skipped on replay.
-        self.close()
+        self._close_journal()
         fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.fsync(fd)
