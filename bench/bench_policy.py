@@ -146,7 +146,8 @@ def changes(base: PolicyInputs) -> list[tuple[str, PolicyInputs]]:
     rnd = random.Random(7)
     n = len(base.pods)
     newpod = make_pods(n + 1, rnd)[-1]
-    local_new = replace(newpod, name="newlocal")
+    # a new pod on this node, selected by the same policies as an existing local one
+    local_new = replace(base.local_pods[0].pod, name="newlocal", ips=newpod.ips)
     target = base.local_pods[0].pod
     k = next(i for i, p in enumerate(base.policies) if p.selects(target))
     pol0 = base.policies[k]
