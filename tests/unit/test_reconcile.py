@@ -184,7 +184,9 @@ class Recorder:
         self.fail_policy = False
         self.fail_exports = 0
 
-    async def apply_anycast(self, routes: Mapping[IPAddress, frozenset[Nexthop]]) -> None:
+    async def apply_anycast(
+        self, routes: Mapping[IPAddress, frozenset[Nexthop]], *, full: bool = False
+    ) -> None:
         self.anycast.append(routes)
 
     async def apply_exports(

@@ -90,9 +90,11 @@ class KernelAnycast:
         self.service = service
         self.datapath = datapath
 
-    async def apply_anycast(self, routes: Mapping[IPAddress, frozenset[Nexthop]]) -> None:
+    async def apply_anycast(
+        self, routes: Mapping[IPAddress, frozenset[Nexthop]], *, full: bool = False
+    ) -> None:
         desired = {ip: [(nh.via, nh.dev) for nh in sorted(hops)] for ip, hops in routes.items()}
-        await self.service.run_kernel(self.datapath.reconcile_anycast, desired)
+        await self.service.run_kernel(self.datapath.reconcile_anycast, desired, full=full)
 
 
 class BirdExports:
@@ -461,6 +463,8 @@ class Agent:
         await self.datastore.close()
         if hasattr(self, "service"):
             self.service.close()
+        # Deletes veths that DELs retired but the background reaper has not removed yet.
+        await asyncio.to_thread(self.datapath.close)
         self.store.close()
 
 

@@ -238,8 +238,11 @@ class AllocationIndex:
 
 
 class AnycastApplier(Protocol):
-    async def apply_anycast(self, routes: Mapping[IPAddress, frozenset[Nexthop]]) -> None:
-        """Make the node's anycast host routes exactly `routes` (ours only)."""
+    async def apply_anycast(
+        self, routes: Mapping[IPAddress, frozenset[Nexthop]], *, full: bool = False
+    ) -> None:
+        """Make the node's anycast host routes exactly `routes` (ours only); `full`
+        re-reads the kernel instead of trusting what was applied last."""
 
 
 class ExportApplier(Protocol):
@@ -394,7 +397,7 @@ class Reconciler:
         ok = True
         routes = desired.anycast_routes
         if self._anycast is not None and (force or routes != self._applied_routes):
-            if await self._apply("anycast", self._anycast.apply_anycast(routes)):
+            if await self._apply("anycast", self._anycast.apply_anycast(routes, full=force)):
                 self._applied_routes = routes
             else:
                 ok = False
