@@ -312,7 +312,12 @@ def test_malformed_annotation_fails_only_that_pod(fnode: TestNode) -> None:
     denied = fnode.add_pod("denied", annotations={"anycast": "2001:db8:dead::1"}, check=False)
     assert denied.result is not None and "allowedAddresses" in denied.result.json["msg"]
     assert wait_for(lambda: veths(fnode) == before)
-    assert [a["pod"] for a in fnode.status()["allocations"]] == ["good"]
+    st = fnode.status()
+    assert [a["pod"] for a in st["allocations"]] == ["good"]
+    # The rejection is recorded against the pod (a Kubernetes Event with the API server).
+    ev = [e for e in st["events"] if e["pod"] == "default/bad"]
+    assert ev and ev[0]["reason"] == "FlockAddRejected"
+    assert "flock.fritzlab.net/ipv4" in ev[0]["message"]
     after = fnode.add_pod("after")
     assert ping(after, good.result.ips()[0])  # type: ignore[union-attr]
 

@@ -430,6 +430,10 @@ class Agent:
         }
         snap = self.datastore.snapshot()
         out["node_config"] = "ok" if snap.node_config is not None else snap.node_config_error
+        out["events"] = [
+            {"pod": f"{e.namespace}/{e.name}", "reason": e.reason, "message": e.message}
+            for e in getattr(self.datastore, "events", [])[-20:]
+        ]
         if self.bird is not None:
             try:
                 sessions = await self.bird.sessions()

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from flock.agent.datastore.base import Datastore, NodeConfigUnavailable
+from flock.agent.datastore.base import Datastore, NodeConfigUnavailable, PodEvent
 from flock.agent.reconcile import Outcome, Reconciler
 from flock.apply.datapath import (
     DatapathError,
@@ -184,6 +184,8 @@ class CniService:
             result = "ok"
             return body
         except CniError as e:
+            if req.command == "ADD" and req.pod_name and e.code not in (ERR_TRY_AGAIN,):
+                await self._event(req, e)
             log.warning(
                 "CNI %s failed: %s",
                 req.command,
@@ -203,6 +205,20 @@ class CniService:
                 self._idle.set()
             if self.metrics is not None:
                 self.metrics.observe_op(req.command, result, time.perf_counter() - start)
+
+    async def _event(self, req: CniRequest, err: CniError) -> None:
+        try:
+            await self.datastore.record_event(
+                PodEvent(
+                    namespace=req.pod_namespace,
+                    name=req.pod_name,
+                    uid=req.pod_uid,
+                    reason="FlockAddRejected",
+                    message=f"{err.msg} (CNI error {err.code})",
+                )
+            )
+        except Exception:
+            log.exception("could not record the pod event")
 
     async def drain(self, timeout: float) -> bool:
         """Wait for in-flight verbs to finish (shutdown); False if some did not in time."""

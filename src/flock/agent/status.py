@@ -147,6 +147,12 @@ def render(st: dict[str, Any]) -> str:
         )
         for k, v in (pol.get("rejected_policies") or {}).items():
             out.append(f"  rejected {k}: {v}")
+    events = st.get("events") or []
+    if events:
+        out.append("")
+        out.append(f"RECENT POD EVENTS ({len(events)})")
+        for e in events:
+            out.append(f"  {e['pod']}: {e['reason']}: {e['message']}")
     rec = st.get("reconcile") or {}
     if rec.get("last_error"):
         out.append(f"RECONCILE last error: {rec['last_error']}")

@@ -129,3 +129,22 @@ class Datastore(Protocol):
     async def get_secret(self, namespace: str, name: str, key: str) -> str | None:
         """One key of a Secret (decoded), e.g. a BGP session password."""
         ...
+
+    async def record_event(self, event: PodEvent) -> None:
+        """Tell the pod's owner what happened (Kubernetes: an Event on the pod).
+
+        Best effort: never raises; a CNI verb must not fail because of it.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PodEvent:
+    """What a Kubernetes Event on a pod carries, e.g. a rejected ADD."""
+
+    namespace: str
+    name: str
+    reason: str  # CamelCase, e.g. "FlockAddRejected"
+    message: str
+    uid: str = ""
+    warning: bool = True

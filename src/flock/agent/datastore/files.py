@@ -54,6 +54,7 @@ from flock.agent.datastore.base import (
     EventType,
     Kind,
     NodeConfigUnavailable,
+    PodEvent,
     PodKey,
     Snapshot,
 )
@@ -260,6 +261,7 @@ class FilesDatastore:
         self._loop: asyncio.AbstractEventLoop | None = None
         # Files that do not parse, and files whose copy of our NodeConfig is invalid.
         self.file_errors: dict[str, str] = {}
+        self.events: list[PodEvent] = []
         self._nc_errors: dict[str, str] = {}
 
     # -- Datastore protocol ---------------------------------------------------------
@@ -354,6 +356,20 @@ class FilesDatastore:
             return None
         value = data.get(key)
         return value if isinstance(value, str) else None
+
+    async def record_event(self, event: PodEvent) -> None:
+        """Standalone mode has no API server: the event is a structured log line and
+        stays in `events` (the last 256) for `flock status`."""
+        self.events.append(event)
+        del self.events[:-256]
+        log.warning(
+            "pod event",
+            extra={
+                "event_reason": event.reason,
+                "pod": f"{event.namespace}/{event.name}",
+                "event_message": event.message,
+            },
+        )
 
     # -- internals ------------------------------------------------------------------
 
