@@ -169,28 +169,31 @@ def main() -> None:
     args = ap.parse_args()
     v6 = (ipaddress.IPv6Network("2001:db8:f001::/64"),)
     v4 = (ipaddress.IPv4Network("10.1.0.0/16"), ipaddress.IPv4Network("10.2.0.0/16"))
-    cases = {
-        "IPv6 /64": request(v6, ()),
-        "IPv4 /16 (x2)": request((), v4),
-        "dual-stack": request(v6, v4),
+    one16 = (ipaddress.IPv4Network("10.1.0.0/16"),)
+    cases: dict[str, tuple[PodRequest, int]] = {
+        "IPv6 /64": (request(v6, ()), args.n),
+        "IPv4 two /16s": (request((), v4), args.n),
+        "IPv4 /16 full": (request((), one16), min(args.n, 65534)),
+        "dual-stack": (request(v6, v4), args.n),
     }
 
-    def run(req: PodRequest, with_store: bool) -> dict[str, float]:
+    def run(req: PodRequest, n: int, with_store: bool) -> dict[str, float]:
         rng = random.Random(1)
-        ipam, dt, mem = fill(req, args.n, rng)
-        out = {"fill": args.n / dt, "mem": float(mem)}
-        out["churn"] = churn(ipam, req, args.n, args.ops, rng)
+        ipam, dt, mem = fill(req, n, rng)
+        out = {"fill": n / dt, "mem": float(mem), "n": float(n)}
+        out["churn"] = churn(ipam, req, n, args.ops, rng)
         if with_store:
             out.update(store_costs(ipam, args.dir, args.writes))
         return out
 
     print(f"N = {args.n:,} live allocations; churn = {args.ops:,} release+allocate pairs at N")
-    print(f"{'case':<16} {'fill/s':>10} {'churn pairs/s':>14} {'RSS growth':>11} {'per alloc':>10}")
+    head = f"{'case':<16} {'live':>8} {'fill/s':>10} {'churn pairs/s':>14}"
+    print(f"{head} {'RSS growth':>11} {'per alloc':>10}")
     c: dict[str, float] = {}
-    for name, req in cases.items():
-        res = in_child(lambda req=req, name=name: run(req, name == "dual-stack"))  # type: ignore[misc]
-        row = f"{name:<16} {res['fill']:>10,.0f} {res['churn']:>14,.0f}"
-        print(f"{row} {res['mem'] / 1e6:>9.1f}MB {res['mem'] / args.n:>8.0f} B")
+    for name, (req, n) in cases.items():
+        res = in_child(lambda req=req, n=n, name=name: run(req, n, name == "dual-stack"))  # type: ignore[misc]
+        row = f"{name:<16} {int(res['n']):>8,} {res['fill']:>10,.0f} {res['churn']:>14,.0f}"
+        print(f"{row} {res['mem'] / 1e6:>9.1f}MB {res['mem'] / res['n']:>8.0f} B")
         c = res
     floor = bare_fdatasync_ms(args.dir)
     print(f"\nstore in {args.dir} with {args.n:,} dual-stack allocations:")
