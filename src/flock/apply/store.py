@@ -119,7 +119,9 @@ def _ips(d: Mapping[str, Any], name: str) -> tuple[IPAddress, ...]:
     v = d.get(name, [])
     if not isinstance(v, list):
         raise ValueError(f"field {name!r} must be a list, got {v!r}")
-    return tuple(_ip(x, name) for x in v)
+    if not v:
+        return ()
+    return tuple([_ip(x, name) for x in v])
 
 
 def key_from_dict(d: Any) -> AttachmentKey:
