@@ -151,7 +151,7 @@ def test_wanted_family_without_node_range_is_an_error() -> None:
     msg = str(error({}, v6_only_ranges))
     assert "spec.cidr4" in msg and "spec.defaults.ipv4" in msg and "node-a" in msg
     e = error({"ipv4": "true"}, node(cidr4=(), defaults={"ipv4": False}))
-    assert e.key == P + "ipv4"
+    assert e.key == P + "ipv4" and "remove the annotation" in str(e)
 
 
 def test_wanted_family_without_range_is_fine_when_addresses_supply_it() -> None:

@@ -316,12 +316,18 @@ def parse_annotations(
         ranges = sub_ranges[version] or node.ranges(version)
         if primary[version] is None and not ranges:
             cidr_key = f"spec.cidr{version}"
+            by_annotation = overrides[version] is not None
+            fix = (
+                f"remove the annotation, supply an IPv{version} in {_full(KEY_ADDRESSES)}"
+                if by_annotation
+                else f"set spec.defaults.ipv{version}: false on the node"
+            )
             raise AnnotationError(
-                _full(f"ipv{version}") if overrides[version] is not None else None,
+                _full(f"ipv{version}") if by_annotation else None,
                 None,
                 f"IPv{version} is on for this pod ({whys[version]}) but node {node.name} has no "
-                f"{cidr_key} and {_full(KEY_ADDRESSES)} supplies no IPv{version} address; set "
-                f"spec.defaults.ipv{version}: false on the node or add {cidr_key}",
+                f"{cidr_key} and {_full(KEY_ADDRESSES)} supplies no IPv{version} address; "
+                f"{fix} or add {cidr_key}",
             )
         families[version] = FamilyRequest(want=True, ranges=ranges, primary=primary[version])
 
