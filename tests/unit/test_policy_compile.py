@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flock.apply.nft import NftError, PolicyEngine
 from flock.compile.policy import (
     LocalPod,
     NftSet,
@@ -838,3 +839,57 @@ def test_reused_compiler_drops_named_ports_of_deleted_pods() -> None:
 def test_interface_names_cannot_inject_nft_text() -> None:
     with pytest.raises(ValueError, match="bad interface name"):
         LocalPod(PODS[0], 'x" ; flush ruleset ; "')
+
+
+class RecordingNft:
+    """An nft stand-in that records transactions and refuses the ones it is told to."""
+
+    def __init__(self) -> None:
+        self.scripts: list[str] = []
+        self.refuse: Callable[[str], bool] = lambda script: False
+
+    def run(self, script: str) -> str:
+        if self.refuse(script):
+            raise NftError("refused")
+        self.scripts.append(script)
+        return ""
+
+
+def test_engine_full_then_incremental_then_fallback_and_failure() -> None:
+    nft = RecordingNft()
+    engine = PolicyEngine(nft)
+    lps = [LocalPod(PODS[0], "v", PODS[0].ips)]
+    deny = pol(
+        "a",
+        "deny",
+        {
+            "podSelector": {},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}]}],
+        },
+    )
+    engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS))
+    assert nft.scripts[-1].startswith("add table inet flock\ndelete table inet flock\n")
+    engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS))
+    assert len(nft.scripts) == 1  # nothing changed: no transaction at all
+    engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, policies=[deny]))
+    assert "delete table" not in nft.scripts[-1] and "jump in_" in nft.scripts[-1]
+    # an incremental transaction refused: one full replace instead
+    nft.refuse = lambda script: "delete table" not in script
+    no_cli = [p for p in PODS if p.name != "cli"]
+    engine.sync(PolicyInputs(local_pods=lps, pods=no_cli, namespaces=NSS, policies=[deny]))
+    assert "delete table" in nft.scripts[-1]
+    assert engine.status()["full_syncs"] == 2 and engine.status()["last_error"] is None
+    # everything refused: sync raises, the error is reported, nothing counts as applied
+    nft.refuse = lambda script: True
+    before = engine.applied
+    with pytest.raises(NftError):
+        engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS))
+    assert engine.applied is before
+    assert engine.status()["last_error"] == "apply: refused"
+    # rejected policies are reported, not enforced
+    nft.refuse = lambda script: False
+    engine.sync(
+        PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, rejected={("a", "x"): "bad"})
+    )
+    assert engine.status()["rejected_policies"] == {"a/x": "bad"}
+    assert engine.status()["ingress_isolated"] == 0
