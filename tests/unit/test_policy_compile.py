@@ -893,3 +893,17 @@ def test_engine_full_then_incremental_then_fallback_and_failure() -> None:
     )
     assert engine.status()["rejected_policies"] == {"a/x": "bad"}
     assert engine.status()["ingress_isolated"] == 0
+
+
+def test_except_equal_to_cidr_matches_nothing() -> None:
+    p = pol(
+        "a",
+        "p",
+        {"podSelector": {}, "ingress": [{"from": [
+            {"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.0/24"]}}]}]},
+    )  # fmt: skip
+    assert check_all([p]) > 0
+    rs = compile_inputs(
+        PolicyInputs(local_pods=[LocalPod(PODS[0], "v")], pods=PODS, namespaces=NSS, policies=[p])
+    )
+    assert not forward(rs, Packet(EXTERNAL[0], PODS[0].ips[0], "tcp", 80, oif="v"))

@@ -248,10 +248,9 @@ def _parse_ipblock(value: Any, path: str) -> IPBlock:
     excepts: list[IPNetwork] = []
     for i, e in enumerate(_list(obj.get("except"), f"{path}.except")):
         net = _parse_net(e, f"{path}.except[{i}]")
+        # Kubernetes accepts an except equal to the cidr (the block then matches nothing).
         if net.version != cidr.version or not net.subnet_of(cidr):  # type: ignore[arg-type]
             raise PolicyError(f"{path}.except[{i}]: {net} is not inside cidr {cidr}")
-        if net == cidr:
-            raise PolicyError(f"{path}.except[{i}]: {net} must be strictly inside cidr {cidr}")
         excepts.append(net)
     return IPBlock(cidr=cidr, except_=tuple(excepts))
 
