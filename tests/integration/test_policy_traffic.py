@@ -549,6 +549,47 @@ def test_sctp_rules_load_and_do_not_open_tcp_or_udp(fresh: Cluster) -> None:
     check_truth_table(fresh, [80], lambda s, d, p, n: d.namespace != "beta")
 
 
+TALKER = textwrap.dedent(
+    """
+    import socket, sys
+    s = socket.create_connection((sys.argv[1], 80), timeout=2)
+    for line in sys.stdin:
+        try:
+            s.send(b"x"); ok = s.recv(16) == b"ok:x"
+        except OSError:
+            ok = False
+        print("ok" if ok else "fail", flush=True)
+    """
+)
+
+
+class Talker:
+    """A TCP connection from `src` to `dst`:80 kept open; `ask()` sends one request."""
+
+    def __init__(self, src: Endpoint, dst: Endpoint) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", src.netns, sys.executable, "-c", TALKER, str(dst.v6)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=5)
+
+
 def test_policy_added_and_removed_while_a_connection_is_open(fresh: Cluster) -> None:
     """A connection opened while a policy allowed it survives a deny being added
     (conntrack: replies and further packets of allowed connections pass); new
@@ -558,49 +599,40 @@ def test_policy_added_and_removed_while_a_connection_is_open(fresh: Cluster) -> 
     allow = P("alpha", "allow-80", {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]})
     deny = P("alpha", "deny", {"podSelector": {}})
     fresh.apply([allow])
-    talker = textwrap.dedent(
-        """
-        import socket, sys
-        s = socket.create_connection((sys.argv[1], 80), timeout=2)
-        for line in sys.stdin:
-            try:
-                s.send(b"x"); ok = s.recv(16) == b"ok:x"
-            except OSError:
-                ok = False
-            print("ok" if ok else "fail", flush=True)
-        """
-    )
-    proc = subprocess.Popen(
-        ["ip", "netns", "exec", cli.netns, sys.executable, "-c", talker, str(web.v6)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-
-    def ask() -> str:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write("go\n")
-        proc.stdin.flush()
-        return proc.stdout.readline().strip()
-
+    talk = Talker(cli, web)
     try:
-        assert ask() == "ok"
+        assert talk.ask() == "ok"
         fresh.apply([deny])  # the allow is gone, deny-all remains
-        assert ask() == "ok", "an established, allowed connection must survive"
+        assert talk.ask() == "ok", "an established, allowed connection must survive"
         assert fresh.probe(cli, [(str(web.v6), "tcp", 80), (str(web.v4), "tcp", 80)]) == [
             False,
             False,
         ]
         fresh.apply([])
-        assert ask() == "ok"
+        assert talk.ask() == "ok"
         assert fresh.probe(cli, [(str(web.v6), "tcp", 80), (str(web.v4), "udp", 80)]) == [
             True,
             True,
         ]
     finally:
-        proc.stdin.close()
-        proc.wait(timeout=10)
+        talk.close()
+
+
+def test_connection_opened_before_any_policy_is_judged_when_a_deny_arrives(
+    fresh: Cluster,
+) -> None:
+    """With no policy on the node there is no conntrack (no `ct` in our table); a
+    connection opened then is first seen by conntrack when a deny arrives, and its
+    next packet is judged like a new one: it is dropped."""
+    web = fresh.by_name("alpha/web")
+    cli = fresh.by_name("beta/cli")
+    talk = Talker(cli, web)
+    try:
+        assert talk.ask() == "ok"
+        fresh.apply([P("alpha", "deny", {"podSelector": {}})])
+        assert talk.ask() == "fail"
+    finally:
+        talk.close()
 
 
 def kernel_table(node: str) -> dict[str, Any]:
