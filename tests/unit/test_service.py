@@ -280,3 +280,28 @@ def test_gc_releases_unlisted_attachments(tmp_path: Path) -> None:
         assert len(dp.links) == 1
 
     run(tmp_path, body)
+
+
+def test_concurrent_adds_share_fsyncs_and_all_are_durable(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, _dp, store, m = env
+        write(m / "p.yaml", *[pod_doc(f"p{i}") for i in range(16)])
+        calls: list[int] = []
+        real = store.record
+
+        def spy(**kw: Any) -> None:
+            calls.append(len(list(kw.get("put", ()))) + len(list(kw.get("delete", ()))))
+            time.sleep(0.01)  # a slow disk: changes queue up meanwhile
+            real(**kw)
+
+        store.record = spy  # type: ignore[method-assign]
+        await asyncio.gather(*(svc.handle(req("ADD", f"c{i}", f"p{i}")) for i in range(16)))
+        assert sum(calls) == 16 and len(calls) < 16
+        await asyncio.gather(*(svc.handle(req("DEL", f"c{i}")) for i in range(0, 16, 2)))
+        store.close()  # as if the agent stopped: what is on disk?
+        reloaded = AllocationStore(store.state_dir)
+        keys = sorted(a.key.container_id for a in reloaded.load())
+        reloaded.close()
+        assert keys == sorted(f"c{i}" for i in range(1, 16, 2))
+
+    run(tmp_path, body)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -142,6 +143,8 @@ class CniService:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
         # The store is not thread-safe and every write fsyncs: one writer thread.
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self._pending: list[tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         # What the reconciler computes from: allocations whose network is built and
         # that are not being deleted (a DEL withdraws before its veth goes).
         self.index = reconciler.index
@@ -165,9 +168,53 @@ class CniService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kw))
 
-    async def _persist(self, fn: Callable[..., None], *args: Any) -> None:
+    async def _persist_put(self, alloc: Allocation) -> None:
+        await self._commit(alloc.key, alloc)
+
+    async def _persist_delete(self, key: AttachmentKey) -> None:
+        await self._commit(key, None)
+
+    async def _commit(self, key: AttachmentKey, alloc: Allocation | None) -> None:
+        """Durably record one change; concurrent changes share one fdatasync.
+
+        Changes queue up while the store thread is writing; the next write takes
+        every queued change (up to the first that touches a key already in the
+        batch, so that each key's changes stay in order) and records them with
+        one `store.record` call: group commit. Returns once this change is on disk.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, alloc, fut))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches(), name="store-writer")
+        await fut
+
+    async def _write_batches(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._store_pool, lambda: fn(*args))
+        try:
+            while self._pending:
+                batch: list[tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]] = []
+                keys: set[AttachmentKey] = set()
+                while self._pending and self._pending[0][0] not in keys:
+                    item = self._pending.pop(0)
+                    keys.add(item[0])
+                    batch.append(item)
+                puts = [a for _, a, _ in batch if a is not None]
+                dels = [k for k, a, _ in batch if a is None]
+                try:
+                    await loop.run_in_executor(
+                        self._store_pool,
+                        functools.partial(self.store.record, put=puts, delete=dels),
+                    )
+                except Exception as e:
+                    for _, _, f in batch:
+                        if not f.done():
+                            f.set_exception(e)
+                else:
+                    for _, _, f in batch:
+                        if not f.done():
+                            f.set_result(None)
+        finally:
+            self._writer = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -369,7 +416,7 @@ class CniService:
         re-sync rebuilds or the runtime's DEL releases it) or it does not (then the
         veth, if made, is one no allocation knows, and start-up re-sync removes it).
         """
-        persist = asyncio.ensure_future(self._persist(self.store.record_put, alloc))
+        persist = asyncio.ensure_future(self._persist_put(alloc))
         build = asyncio.ensure_future(self._build(alloc, req))
         done = await asyncio.gather(persist, build, return_exceptions=True)
         errors = [r for r in done if isinstance(r, BaseException)]
@@ -412,7 +459,7 @@ class CniService:
         self.index.remove(alloc.key)
         self.ipam.release(alloc.key)
         try:
-            await self._persist(self.store.record_delete, alloc.key)
+            await self._persist_delete(alloc.key)
         except Exception:
             log.exception("rollback: could not persist the release of %s", alloc.key)
         self.reconciler.mark_dirty()
@@ -447,7 +494,7 @@ class CniService:
                 raise
             if alloc is not None:
                 self.ipam.release(key)
-                await self._persist(self.store.record_delete, key)
+                await self._persist_delete(key)
             if alloc is not None:
                 log.info(
                     "DEL",
