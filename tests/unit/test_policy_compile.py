@@ -907,3 +907,28 @@ def test_except_equal_to_cidr_matches_nothing() -> None:
         PolicyInputs(local_pods=[LocalPod(PODS[0], "v")], pods=PODS, namespaces=NSS, policies=[p])
     )
     assert not forward(rs, Packet(EXTERNAL[0], PODS[0].ips[0], "tcp", 80, oif="v"))
+
+
+def test_compiler_indexes_do_not_grow_with_label_churn() -> None:
+    """Rollouts give pods fresh label values (pod-template-hash): the indexes of a
+    long-lived compiler must shrink back when those pods go."""
+    compiler = PolicyCompiler()
+    p = pol("a", "p", {"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]})
+
+    def state(extra: list[Pod]) -> PolicyInputs:
+        return PolicyInputs(
+            local_pods=[LocalPod(PODS[0], "v", PODS[0].ips)],
+            pods=[*PODS, *extra],
+            namespaces=NSS,
+            policies=[p],
+        )
+
+    baseline = compiler.compile(state([]))
+    sizes = (len(compiler._by_label), len(compiler._by_ns), len(compiler._named))
+    for round_ in range(3):
+        extra = [
+            mkpod("a", f"r{round_}x{i}", 100 + i, {"hash": f"h{round_}"}, [WEB]) for i in range(5)
+        ]
+        assert compiler.compile(state(extra)) != baseline
+    assert compiler.compile(state([])) == baseline
+    assert (len(compiler._by_label), len(compiler._by_ns), len(compiler._named)) == sizes

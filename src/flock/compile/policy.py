@@ -396,17 +396,25 @@ class PolicyCompiler:
                         ps.add(key, info.addrs[ps.fam])
 
     def _index(self, key: PodKey, old: _PodInfo | None, new: _PodInfo | None) -> None:
-        if old is not None:
+        if old is not None:  # empty index entries are dropped: labels churn with rollouts
             self._by_id.pop(id(old.pod), None)
-            del self._by_ns[key[0]][key]
+            ns_pods = self._by_ns[key[0]]
+            del ns_pods[key]
+            if not ns_pods:
+                del self._by_ns[key[0]]
             for k, v in old.pod.labels.items():
-                del self._by_label[(key[0], k, v)][key]
+                posting = self._by_label[(key[0], k, v)]
+                del posting[key]
+                if not posting:
+                    del self._by_label[(key[0], k, v)]
             for nk, elems in old.named.items():
                 counts = self._named[nk]
                 for e in elems:
                     counts[e] -= 1
                     if not counts[e]:
                         del counts[e]
+                if not counts:
+                    del self._named[nk]
                 self._named_cache.pop(nk, None)
         if new is not None:
             self._by_id[id(new.pod)] = new
