@@ -358,3 +358,31 @@ def test_an_unreferenced_store_releases_its_lock(tmp_path: Path) -> None:
     s = AllocationStore(tmp_path, lock_timeout=0)
     s.load()
     s.close()
+
+
+def test_crash_at_any_byte_of_the_journal_recovers_every_complete_record(
+    tmp_path: Path,
+) -> None:
+    """Simulate power loss after every possible number of journal bytes hit the disk."""
+    ops: list[tuple[str, Allocation]] = [("put", mk(i)) for i in range(4)]
+    ops += [("del", mk(1)), ("put", mk(1, pod_uid="again")), ("del", mk(3))]
+    s = fresh(tmp_path)
+    states: list[dict[AttachmentKey, Allocation]] = [{}]
+    for op, a in ops:
+        if op == "put":
+            s.record_put(a)
+        else:
+            s.record_delete(a.key)
+        states.append({x.key: x for x in s.allocations()})
+    s.close()
+    journal = (tmp_path / JOURNAL_NAME).read_bytes()
+    ends = [i + 1 for i, b in enumerate(journal) if b == ord("\n")]
+    assert len(ends) == len(ops)
+    # every byte around each record boundary, and a stride through the records
+    cuts = {c for e in ends for c in range(e - 3, e + 4) if 0 <= c <= len(journal)}
+    cuts |= set(range(0, len(journal) + 1, 17))
+    for cut in sorted(cuts):
+        (tmp_path / JOURNAL_NAME).write_bytes(journal[:cut])
+        complete = sum(1 for e in ends if e <= cut)
+        got = {a.key: a for a in reload(tmp_path)}
+        assert got == states[complete], cut
