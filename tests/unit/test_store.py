@@ -386,3 +386,15 @@ def test_crash_at_any_byte_of_the_journal_recovers_every_complete_record(
         complete = sum(1 for e in ends if e <= cut)
         got = {a.key: a for a in reload(tmp_path)}
         assert got == states[complete], cut
+
+
+def test_stale_temp_snapshot_from_a_crash_is_ignored(tmp_path: Path) -> None:
+    raw = _with_snapshot(tmp_path, n=2)
+    (tmp_path / f".{SNAPSHOT_NAME}.tmp.{os.getpid()}").write_bytes(raw[: len(raw) // 2])
+    s = fresh(tmp_path)
+    assert len(s.allocations()) == 2
+    s.record_put(mk(5))
+    s.compact()
+    s.close()
+    assert [a.pod for a in reload(tmp_path)] == ["pod-0", "pod-1", "pod-5"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
