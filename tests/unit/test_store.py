@@ -390,8 +390,9 @@ def test_crash_at_any_byte_of_the_journal_recovers_every_complete_record(
 
 def test_stale_temp_snapshot_from_a_crash_is_ignored(tmp_path: Path) -> None:
     raw = _with_snapshot(tmp_path, n=2)
-    (tmp_path / f".{SNAPSHOT_NAME}.tmp.{os.getpid()}").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / f".{SNAPSHOT_NAME}.tmp.999999").write_bytes(raw[: len(raw) // 2])
     s = fresh(tmp_path)
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     assert len(s.allocations()) == 2
     s.record_put(mk(5))
     s.compact()

@@ -233,6 +233,10 @@ class AllocationStore:
         self.close()
         self._lock()
         try:
+            # Temp snapshots left by a crash mid-compaction: never read, only removed
+            # (safe: we hold the lock, so no other writer is producing one).
+            for stale in self.state_dir.glob(f".{SNAPSHOT_NAME}.tmp.*"):
+                stale.unlink(missing_ok=True)
             self._state = {}
             self._encoded = {}
             self._seq = self._snapshot_seq = 0
