@@ -534,6 +534,8 @@ def test_no_cni_command_is_invalid_env_with_about_text(argv: list[str]) -> None:
         ({"CNI_IFNAME": ".."}, ["CNI_IFNAME"]),
         ({"CNI_ARGS": "K8S_POD_NAME"}, ["CNI_ARGS", "K8S_POD_NAME"]),
         ({"CNI_ARGS": "=x"}, ["CNI_ARGS"]),
+        ({"CNI_IFNAME": "eth\udcc9"}, ["CNI_IFNAME", "UTF-8"]),
+        ({"CNI_ARGS": "K8S_POD_NAME=\udcff"}, ["CNI_ARGS", "UTF-8"]),
     ],
 )
 def test_bad_environment_is_code_4_naming_the_variable(
@@ -720,3 +722,26 @@ def test_version_does_not_hang_on_an_open_empty_stdin(argv: list[str]) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# --- The fuzz target's corpus, as regression tests ------------------------------------------
+
+FUZZ = REPO / "tests" / "fuzz"
+
+
+def _fuzz_target() -> Callable[[bytes], None]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fuzz_cni_plugin", FUZZ / "fuzz_cni_plugin.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fn: Callable[[bytes], None] = mod.one_input
+    return fn
+
+
+@pytest.mark.parametrize(
+    "path", sorted((FUZZ / "corpus" / "cni_plugin").iterdir()), ids=lambda p: p.name
+)
+def test_fuzz_corpus_input(path: Path) -> None:
+    _fuzz_target()(path.read_bytes())

@@ -224,6 +224,15 @@ def parse_cni_args(raw: str) -> dict[str, str]:
 
 
 def check_env(command: str, env: dict[str, str]) -> None:
+    for name in sorted(env):
+        try:
+            env[name].encode()
+        except UnicodeEncodeError:  # bytes that were not UTF-8, kept by surrogateescape
+            raise Failure(
+                ERR_INVALID_ENV,
+                f"{name} is not valid UTF-8",
+                f"{env[name].encode('utf-8', 'surrogateescape')!r}",
+            ) from None
     missing = [name for name, cmds in REQUIRED_ENV if command in cmds and not env.get(name)]
     if missing:
         raise Failure(

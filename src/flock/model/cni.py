@@ -84,6 +84,15 @@ def ifname_problem(name: str) -> str:
     return ""
 
 
+def _utf8(text: str) -> bool:
+    """False for text holding lone surrogates (JSON can carry them; the kernel cannot)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def normalise_result(result: Mapping[str, Any]) -> dict[str, Any]:
     """A CNI result of any supported version in the 1.1.0 shape (without cniVersion)."""
     out = {k: v for k, v in result.items() if k != "cniVersion"}
@@ -158,8 +167,8 @@ class CniRequest:
             value = msg.get(key, "")
             if value is None:
                 value = ""
-            if not isinstance(value, str):
-                raise CniError(ERR_DECODE, f"RPC request field {key} must be a string")
+            if not isinstance(value, str) or not _utf8(value):
+                raise CniError(ERR_DECODE, f"RPC request field {key} must be a UTF-8 string")
             strs[key] = value
         missing = [k for k in _REQUIRED.get(command, ()) if not strs[k]]
         if missing:
@@ -178,7 +187,8 @@ class CniRequest:
             raise CniError(ERR_INVALID_NETNS, f"netns {strs['netns']!r} is not an absolute path")
         raw_args = msg.get("args") or {}
         if not isinstance(raw_args, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in raw_args.items()
+            isinstance(k, str) and isinstance(v, str) and _utf8(k) and _utf8(v)
+            for k, v in raw_args.items()
         ):
             raise CniError(ERR_DECODE, "RPC request args must map strings to strings")
         config = msg.get("config")
