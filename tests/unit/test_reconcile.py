@@ -320,3 +320,30 @@ def test_property_index_equals_full_computation(
         assert sorted(index.all(), key=lambda a: a.key) == sorted(
             live.values(), key=lambda a: a.key
         )
+
+
+def test_a_crashing_pass_releases_its_waiters_and_the_loop_goes_on() -> None:
+    async def body() -> None:
+        calls = {"n": 0}
+
+        def snapshot() -> Snapshot:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyError("bug")
+            return Snapshot(node_name="n1", node_config=NODE, pods=pods(pod(1)))
+
+        rec = Recorder()
+        r = Reconciler(snapshot=snapshot, index=AllocationIndex([alloc(1)]), retry_interval=0.01)
+        r.set_appliers(anycast=rec)
+        task = asyncio.create_task(r.run())
+        try:
+            first = await r.sync(timeout=2)
+            assert first.ok
+            crashed = await r.sync(timeout=2)
+            assert not crashed.ok and "bug" in crashed.error
+            again = await r.sync(timeout=2)
+            assert again.ok
+        finally:
+            task.cancel()
+
+    asyncio.run(body())

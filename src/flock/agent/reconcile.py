@@ -369,7 +369,14 @@ class Reconciler:
                 self._force = True
             self._wake.clear()
             target = self._requested
-            ok = await self.run_once()
+            try:
+                ok = await self.run_once()
+            except Exception as e:  # a bug must not leave CNI verbs waiting forever
+                log.exception("reconcile pass crashed; will retry")
+                self.stats.failures += 1
+                self.stats.last_error = f"pass: {e}"
+                self.outcome = Outcome(ok=False, policy_ok=False, error=self.stats.last_error)
+                ok = False
             passes += 1
             async with self._cond:
                 # A failed pass still releases its waiters: an ADD must not hang on
