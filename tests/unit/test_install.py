@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -218,3 +219,25 @@ def test_cli_warns_about_configs_that_sort_first(
         ["--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(conf_dir), "--bundle", str(b)]
     )
     assert "nothing changed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(
+    PYTHON is None or shutil.which("cc") is None or shutil.which("ldd") is None,
+    reason="building the bundle needs /usr/bin/python3, cc and ldd",
+)
+def test_bundle_build_is_reproducible_so_reinstalling_an_image_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    assert PYTHON is not None
+    build = Path(__file__).resolve().parents[2] / "packaging" / "build_plugin_bundle.py"
+    for out in ("a", "b"):
+        subprocess.run(
+            [PYTHON, str(build), "--out", str(tmp_path / out)], check=True, capture_output=True
+        )
+    assert install.tree_digest(tmp_path / "a" / "flock.d") == install.tree_digest(
+        tmp_path / "b" / "flock.d"
+    )
+    assert (tmp_path / "a" / "flock").read_bytes() == (tmp_path / "b" / "flock").read_bytes()
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    install.install(bin_dir=bin_dir, conf_dir=conf_dir, bundle=tmp_path / "a")
+    assert install.install(bin_dir=bin_dir, conf_dir=conf_dir, bundle=tmp_path / "b") == []
