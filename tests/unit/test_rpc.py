@@ -163,6 +163,8 @@ def test_unexpected_exception_is_logged_and_answered_and_the_server_keeps_servin
             raise KeyError("no-such-thing")
         if req.container_id == "notdict":
             return [1, 2]  # type: ignore[return-value]
+        if req.container_id == "nan":
+            return {"mtu": float("nan")}
         return {"ok": True}
 
     async def go() -> None:
@@ -170,11 +172,13 @@ def test_unexpected_exception_is_logged_and_answered_and_the_server_keeps_servin
             r1 = await rpc.request(path, add_request("bad"))
             r2 = await rpc.request(path, add_request("notdict"))
             r3 = await rpc.request(path, add_request("good"))
+            r4 = await rpc.request(path, add_request("nan"))
         assert r1["error"]["code"] == ERR_INTERNAL
         assert "KeyError" in r1["error"]["msg"] and "no-such-thing" in r1["error"]["msg"]
         assert "ADD" in r1["error"]["msg"]
         assert r2["error"]["code"] == ERR_INTERNAL and "list" in r2["error"]["msg"]
         assert r3 == {"result": {"ok": True}}
+        assert r4["error"]["code"] == ERR_INTERNAL and "JSON" in r4["error"]["msg"]
 
     asyncio.run(go())
     assert any("Traceback" in (r.exc_text or "") or r.exc_info for r in caplog.records)

@@ -123,7 +123,8 @@ async def _answer(raw: bytes, handler: Handler) -> tuple[bytes, str, str]:
         result = await handler(req)
         if not isinstance(result, dict):
             raise TypeError(f"handler returned {type(result).__name__}, not a dict")
-        return json.dumps({"result": result}).encode(), command, "ok"
+        # allow_nan=False: NaN is not JSON; better a 999 naming it than a reply no runtime parses.
+        return json.dumps({"result": result}, allow_nan=False).encode(), command, "ok"
     except CniError as e:
         return json.dumps({"error": e.to_wire()}).encode(), command, f"error {e.code}"
     except Exception as e:
