@@ -234,10 +234,7 @@ class RtnlSocket:
     def get_link(self, name: str) -> rtnl.Link | None:
         """The link called `name`, or None when there is none."""
         seq = self._next_seq()
-        body = rtnl.link_by_name(name) + rtnl.attr_u32(
-            rtnl.IFLA_EXT_MASK, rtnl.RTEXT_FILTER_SKIP_STATS
-        )
-        self._sock.send(rtnl.message(rtnl.RTM_GETLINK, 0, seq, body))
+        self._sock.send(rtnl.message(rtnl.RTM_GETLINK, 0, seq, rtnl.link_get(name)))
         while True:
             for reply in self._recv():
                 if reply.seq != seq:

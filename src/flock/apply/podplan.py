@@ -236,7 +236,7 @@ def host_requests(spec: PodNetSpec, *, host_index: int, pod_mac: str) -> list[Re
             Request(
                 rtnl.RTM_NEWROUTE,
                 rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
-                rtnl.route(
+                rtnl.pod_route(
                     dst=ip,
                     dst_len=prefixlen(ip),
                     family=rtnl.family_of(ip),
@@ -283,7 +283,7 @@ def pod_requests(
             Request(
                 rtnl.RTM_NEWROUTE,
                 rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
-                rtnl.route(
+                rtnl.pod_route(
                     dst=None,
                     dst_len=0,
                     family=socket.AF_INET6,
@@ -305,7 +305,7 @@ def pod_requests(
             Request(
                 rtnl.RTM_NEWROUTE,
                 rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
-                rtnl.route(
+                rtnl.pod_route(
                     dst=None,
                     dst_len=0,
                     family=socket.AF_INET,
