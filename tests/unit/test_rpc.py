@@ -389,3 +389,33 @@ def test_deferred_dels_written_by_the_plugin_are_replayed_then_removed(tmp: Path
     assert asyncio.run(rpc.replay_deferred_dels(state, handler)) == 1
     assert list(spool.iterdir()) == []
     assert asyncio.run(rpc.replay_deferred_dels(tmp / "nothing-here", handler)) == 0
+
+
+def test_deferred_dels_recorded_after_start_are_picked_up(tmp: Path) -> None:
+    """A plugin that found no socket while the agent started records its DEL after the
+    start-up replay ran: the periodic pass must still deliver it."""
+    state = tmp / "state"
+    seen: list[str] = []
+
+    async def handler(req: CniRequest) -> dict[str, Any]:
+        seen.append(req.container_id)
+        return {}
+
+    async def go() -> None:
+        assert await rpc.replay_deferred_dels(state, handler) == 0  # start-up: nothing yet
+        task = asyncio.create_task(rpc.replay_deferred_dels_forever(state, handler, interval=0.05))
+        try:
+            late = {"command": "DEL", "containerID": "late", "ifname": "eth0", "config": CONFIG}
+            plugin.defer_del(str(state), late)
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(go())
+    assert seen == ["late"]
+    assert list((state / rpc.DEFERRED_DEL_DIRNAME).iterdir()) == []

@@ -252,6 +252,23 @@ async def replay_deferred_dels(state_dir: Path, handler: Handler) -> int:
     return done
 
 
+async def replay_deferred_dels_forever(
+    state_dir: Path, handler: Handler, *, interval: float = 10.0
+) -> None:
+    """Replay deferred DELs every `interval` seconds until cancelled.
+
+    The start-up replay cannot see a DEL that a plugin recorded while the agent
+    was starting (it found no socket yet, then wrote its record just after the
+    replay ran); this pass picks such records up within `interval`.
+    """
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await replay_deferred_dels(state_dir, handler)
+        except Exception:
+            log.exception("replaying deferred DELs failed; retrying in %gs", interval)
+
+
 # --- Client ---------------------------------------------------------------------------------
 
 
