@@ -313,6 +313,9 @@ class Agent:
             log.warning("first reconcile incomplete", extra={"error": outcome.error})
         server = await rpc.serve(o.socket, self.service.handle)
         self._servers.append((server, o.socket))
+        # DELs a plugin recorded while this agent was starting (after the replay above).
+        replay = rpc.replay_deferred_dels_forever(o.state_dir, self.service.handle)
+        self._tasks.append(asyncio.create_task(replay, name="deferred-dels"))
         status_path = o.run_dir / STATUS_SOCKET
         self._servers.append((await serve_status(status_path, self.inspect), status_path))
         if o.metrics_addr is not None:
