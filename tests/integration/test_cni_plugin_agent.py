@@ -153,3 +153,26 @@ def _env(pod: Pod) -> dict[str, Any]:
         "pod_name": pod.name,
         "pod_uid": pod.uid,
     }
+
+
+def test_del_recorded_while_the_agent_runs_is_picked_up(fpnode: TestNode) -> None:
+    """A DEL recorded by a plugin that found no socket while the agent was starting lands
+    after the start-up replay; the agent's periodic pass (10 s) must still deliver it."""
+    from flock.cni import plugin
+
+    pod = fpnode.add_pod("late")
+    request = {
+        "command": "DEL",
+        "containerID": pod.container_id,
+        "netns": pod.netns_path,
+        "ifname": "eth0",
+        "args": {"K8S_POD_NAMESPACE": "default", "K8S_POD_NAME": "late"},
+        "path": str(fpnode.bin_dir),
+        "config": fpnode.network_config(),
+    }
+    plugin.defer_del(str(fpnode.state_dir), request)
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and fpnode.status()["allocations"]:
+        time.sleep(0.2)
+    assert fpnode.status()["allocations"] == []
+    assert list((fpnode.state_dir / "deferred-del").iterdir()) == []
