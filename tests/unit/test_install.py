@@ -241,3 +241,15 @@ def test_bundle_build_is_reproducible_so_reinstalling_an_image_changes_nothing(
     bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
     install.install(bin_dir=bin_dir, conf_dir=conf_dir, bundle=tmp_path / "a")
     assert install.install(bin_dir=bin_dir, conf_dir=conf_dir, bundle=tmp_path / "b") == []
+
+
+def test_a_real_flock_d_directory_is_displaced_then_pruned(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    (bin_dir / "flock.d").mkdir(parents=True)
+    (bin_dir / "flock.d" / "old").write_text("hand-made")
+    b = fake_bundle(tmp_path / "b", "v1")
+    install.install(bin_dir=bin_dir, conf_dir=tmp_path / "net.d", bundle=b)
+    assert (bin_dir / "flock.d").is_symlink()
+    assert (bin_dir / "flock.d" / "marker").read_text() == "v1"
+    names = sorted(p.name for p in bin_dir.iterdir())
+    assert names == sorted(["flock", "flock.d", os.readlink(bin_dir / "flock.d")])

@@ -108,6 +108,10 @@ def symlink_atomic(path: Path, target: str) -> bool:
     with contextlib.suppress(OSError):
         if os.readlink(path) == target:
             return False
+    if path.is_dir() and not path.is_symlink():
+        # A real directory (a hand-made or older install): rename() cannot replace it
+        # by a symlink; move it aside under the tree prefix, so pruning removes it.
+        os.rename(path, path.with_name(f"{TREE_PREFIX}displaced-{os.getpid()}"))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     os.symlink(target, tmp)
@@ -304,14 +308,22 @@ def main(argv: Sequence[str]) -> int:
         prog="flock install-cni",
         description="Install the flock CNI plugin and its network config on this host.",
     )
-    ap.add_argument("--bin-dir", type=Path, default=Path("/opt/cni/bin"))
-    ap.add_argument("--conf-dir", type=Path, default=Path("/etc/cni/net.d"))
-    ap.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's RPC socket")
+    ap.add_argument(
+        "--bin-dir", type=Path, default=Path("/opt/cni/bin"), help="CNI plugin dir (%(default)s)"
+    )
+    ap.add_argument(
+        "--conf-dir", type=Path, default=Path("/etc/cni/net.d"), help="CNI config dir (%(default)s)"
+    )
+    ap.add_argument("--socket", default=DEFAULT_SOCKET, help="the agent's socket (%(default)s)")
     ap.add_argument("--state-dir", default="", help="where DELs wait while the agent is down")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--bundle", type=Path, help=f"self-contained build (default {DEFAULT_BUNDLE})")
     src.add_argument("--python", help="run the plugin with this host Python 3.11+ instead")
-    ap.add_argument("--cni-version", default="1.0.0", help="the conflist's cniVersion")
+    ap.add_argument(
+        "--cni-version",
+        default="1.0.0",
+        help="the conflist's cniVersion (%(default)s; cniVersions always lists up to 1.1.0)",
+    )
     ap.add_argument("--portmap", action="store_true", help="chain portmap (hostPort support)")
     ap.add_argument("--conflist-name", default=CONFLIST_NAME)
     args = ap.parse_args(list(argv))
