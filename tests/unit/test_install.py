@@ -253,3 +253,34 @@ def test_a_real_flock_d_directory_is_displaced_then_pruned(tmp_path: Path) -> No
     assert (bin_dir / "flock.d" / "marker").read_text() == "v1"
     names = sorted(p.name for p in bin_dir.iterdir())
     assert names == sorted(["flock", "flock.d", os.readlink(bin_dir / "flock.d")])
+
+
+def test_uninstall_removes_only_what_install_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    bin_dir.mkdir()
+    (bin_dir / "portmap").write_text("x")
+    b = fake_bundle(tmp_path / "b", "v1")
+    install.install(bin_dir=bin_dir, conf_dir=conf_dir, bundle=b)
+    (conf_dir / "10-other.conflist").write_text("{}")
+    argv = ["--bin-dir", str(bin_dir), "--conf-dir", str(conf_dir), "--uninstall"]
+    assert install.main(argv) == 0
+    assert "removed" in capsys.readouterr().out
+    assert sorted(p.name for p in bin_dir.iterdir()) == ["portmap"]
+    assert sorted(p.name for p in conf_dir.iterdir()) == ["10-other.conflist"]
+    assert install.main(argv) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_uninstall_leaves_a_foreign_conflist_of_the_same_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    foreign = {"cniVersion": "1.0.0", "name": "x", "plugins": [{"type": "bridge"}]}
+    (conf_dir / "01-flock.conflist").write_text(json.dumps(foreign))
+    argv = ["--bin-dir", str(tmp_path / "bin"), "--conf-dir", str(conf_dir), "--uninstall"]
+    assert install.main(argv) == 1
+    assert "not flock's conflist" in capsys.readouterr().err
+    assert (conf_dir / "01-flock.conflist").exists()

@@ -294,6 +294,44 @@ def install(
     return actions
 
 
+def uninstall(*, bin_dir: Path, conf_dir: Path, conflist_name: str = CONFLIST_NAME) -> list[str]:
+    """Remove what `install` put there; the conflist first, so no new pod picks flock.
+
+    For node-by-node migration: once the node's label is gone, the runtime must
+    stop choosing a network whose agent no longer runs. The conflist is removed
+    only if it is flock's (a file of that name with another plugin is left).
+    """
+    actions: list[str] = []
+    conf_path = conf_dir / conflist_name
+    try:
+        conf = json.loads(conf_path.read_bytes())
+    except FileNotFoundError:
+        conf = None
+    except ValueError:
+        raise InstallError(f"{conf_path} is not JSON; not removing it") from None
+    if conf is not None:
+        plugins = conf.get("plugins") if isinstance(conf, dict) else None
+        first = plugins[0] if isinstance(plugins, list) and plugins else None
+        if not (isinstance(first, dict) and first.get("type") == PLUGIN_NAME):
+            raise InstallError(f"{conf_path} is not flock's conflist; not removing it")
+        conf_path.unlink()
+        fsync_dir(conf_dir)
+        actions.append(f"removed {conf_path}")
+    entry = bin_dir / PLUGIN_NAME
+    if entry.is_file() or entry.is_symlink():
+        entry.unlink()
+        actions.append(f"removed {entry}")
+    link = bin_dir / TREE_LINK
+    if link.is_symlink():
+        link.unlink()
+        actions.append(f"removed {link}")
+    if bin_dir.is_dir():
+        for old in prune_trees(bin_dir, keep=set()):
+            actions.append(f"removed plugin tree {old}")
+        fsync_dir(bin_dir)
+    return actions
+
+
 def shadowing_configs(conf_dir: Path, conflist_name: str = CONFLIST_NAME) -> list[str]:
     """Network configs a runtime would pick before ours (it takes the first by name)."""
     return sorted(
@@ -326,7 +364,21 @@ def main(argv: Sequence[str]) -> int:
     )
     ap.add_argument("--portmap", action="store_true", help="chain portmap (hostPort support)")
     ap.add_argument("--conflist-name", default=CONFLIST_NAME)
+    ap.add_argument(
+        "--uninstall", action="store_true", help="remove the conflist, the plugin and its trees"
+    )
     args = ap.parse_args(list(argv))
+    if args.uninstall:
+        try:
+            done = uninstall(
+                bin_dir=args.bin_dir, conf_dir=args.conf_dir, conflist_name=args.conflist_name
+            )
+        except (InstallError, OSError) as e:
+            print(f"flock install-cni: {e}", file=sys.stderr)
+            return 1
+        for line in done or ["nothing to remove"]:
+            print(f"flock install-cni: {line}")
+        return 0
     try:
         actions = install(
             bin_dir=args.bin_dir,
