@@ -1,32 +1,33 @@
 """The rtnetlink messages the pod datapath sends and reads: pyroute2's classes, plus a fast path.
 
 Messages are built and read with pyroute2's own message classes (`ifinfmsg`,
-`ifaddrmsg`, `rtmsg`, `ndmsg`): anycast and multipath routes, retiring and
-deleting veths, dump requests, and the parsing of dumped routes, addresses and
-neighbours. The socket that carries them lives in `flock.apply.nlsock`; it
-frames each body with its netlink header and sequence number at send time.
+`ifaddrmsg`, `rtmsg`, `ndmsg`): anycast and multipath routes, deleting veths
+(by name, by retirement group), dump requests for links, addresses and
+neighbours, and the parsing of dumped routes, addresses and neighbours. The
+socket that carries them lives in `flock.apply.nlsock`; it frames each body
+with its netlink header and sequence number at send time.
 
-Kept hand-written, for measured reasons (bench/bench_datapath.py, 200
-dual-stack pods, 2-core machine):
+Kept hand-written with `struct`, for measured reasons:
 
 - The ADD path (`veth_new`, `link_set`, `address`, `neighbour`, `pod_route`,
-  `link_get`, `parse_link`): pyroute2's generic marshaller costs 50-250 µs per
-  message encoded (veth ~200, route ~90, neighbour ~75, address ~70) and
-  ~130 µs to decode a kernel link message, against 3-10 µs with `struct`. A
-  dual-stack setup sends 15 messages and reads 2 links: with pyroute2
-  throughout, setup_pod p50 went from 0.90 ms to 2.41 ms, five times the
-  0.3 ms allowance.
-- `link_set`'s IPv4 devconf: pyroute2 0.9.7 encodes IFLA_AF_SPEC/AF_INET as the
-  29-field `ipv4_devconf` struct a dump reports, not the nested
-  IFLA_INET_CONF attributes the kernel's `inet_set_link_af` expects, so
-  proxy_arp cannot be set through it at all.
-- Framing and acknowledgements (`message`, `split`, `error_of`): every request
-  is acknowledged, and pyroute2's Marshal takes ~180 µs for one pod's 14 acks
-  (vs ~35); its `nlmsgerr` also misses the kernel's extended-ack text under
-  NETLINK_CAP_ACK (it skips the echoed header by its uncapped length).
+  `link_get`, `parse_link`) and the DEL path (`link_retire`, `route_dump`):
+  pyroute2's generic marshaller costs 35-130 µs per message encoded and
+  ~120 µs per kernel link message decoded, against 1-8 µs here
+  (bench/bench_rtnl_codec.py: ~1.1 ms vs ~0.05 ms of Python for one dual-stack
+  setup_pod's 14 requests and 2 link lookups). With pyroute2 for every message,
+  bench/bench_datapath.py measured setup_pod p50 2.41 ms against 0.90 ms, five
+  times the 0.3 ms allowance; teardown_pod p50 1.07 ms against 0.14 ms.
+- `link_set`'s IPv4 devconf (proxy_arp): pyroute2 0.9.7 encodes
+  IFLA_AF_SPEC/AF_INET as the 29-field `ipv4_devconf` struct that a dump
+  reports, not the nested IFLA_INET_CONF attributes `inet_set_link_af`
+  expects, so it cannot express this request at all.
+- Framing and acknowledgements (`message`, `split`, `error_of`): one ack per
+  request, and pyroute2 0.9.7's `nlmsgerr` loses the kernel's extended-ack text
+  under NETLINK_CAP_ACK (it skips the echoed request header by the request's
+  full length, past the text).
 
-The unit tests hold every hand-written encoder byte for byte to pyroute2's
-encoding of the same message, and every hand-written parser to pyroute2's
+The unit tests hold each hand-written encoder byte for byte to pyroute2's
+encoding of the same message, `parse_link` and `error_of` to pyroute2's
 decoding, over generated inputs.
 """
 
