@@ -527,12 +527,12 @@ def test_pod_route_is_pyroute2s(
     assert ours == _p2(m)
 
 
-@given(st.sampled_from([socket.AF_INET, socket.AF_INET6]), _u8, st.none() | _index)
-def test_route_dump_is_pyroute2s(family: int, proto: int, oif: int | None) -> None:
+@given(st.sampled_from([socket.AF_INET, socket.AF_INET6]), _u8, st.none() | _index, _u8)
+def test_route_dump_is_pyroute2s(family: int, proto: int, oif: int | None, table: int) -> None:
     m = rtmsg()
-    m["family"], m["proto"] = family, proto
+    m["family"], m["proto"], m["table"] = family, proto, table
     m["attrs"] = [] if oif is None else [("RTA_OIF", oif)]
-    assert rtnl.route_dump(family, proto=proto, oif=oif) == _p2(m)
+    assert rtnl.route_dump(family, proto=proto, oif=oif, table=table) == _p2(m)
 
 
 @given(

@@ -521,7 +521,7 @@ class Datapath:
         routes = {
             (r.dst, r.dst_len)
             for fam in {rtnl.family_of(ip) for ip in spec.addresses}
-            for r in host.routes(fam, oif=hlink.index)
+            for r in host.routes(fam, oif=hlink.index, table=rtnl.RT_TABLE_MAIN)
             if r.table == rtnl.RT_TABLE_MAIN and r.gateway is None and not r.multipath
         }
         neigh = {
@@ -562,7 +562,7 @@ class Datapath:
                 continue
             defaults = [
                 r
-                for r in pod.routes(fam, oif=plink.index)
+                for r in pod.routes(fam, oif=plink.index, table=rtnl.RT_TABLE_MAIN)
                 if r.dst_len == 0 and r.table == rtnl.RT_TABLE_MAIN
             ]
             if not any(r.gateway == gw for r in defaults):

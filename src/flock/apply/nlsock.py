@@ -253,8 +253,11 @@ class RtnlSocket:
         body = rtnl.addr_dump(family, index)
         return [rtnl.parse_addr(b) for b in self.dump(rtnl.RTM_GETADDR, body)]
 
-    def routes(self, family: int, *, proto: int = 0, oif: int | None = None) -> list[rtnl.Route]:
-        body = rtnl.route_dump(family, proto=proto, oif=oif)
+    def routes(
+        self, family: int, *, proto: int = 0, oif: int | None = None, table: int = 0
+    ) -> list[rtnl.Route]:
+        """Routes of `family`, filtered in the kernel by whichever of proto/oif/table is set."""
+        body = rtnl.route_dump(family, proto=proto, oif=oif, table=table)
         return [rtnl.parse_route(b) for b in self.dump(rtnl.RTM_GETROUTE, body)]
 
     def neighbours(self, family: int = 0, *, index: int = 0) -> list[rtnl.Neigh]:

@@ -373,10 +373,10 @@ def link_retire(*, name: str, group: int) -> bytes:
     )
 
 
-def route_dump(family: int, *, proto: int = 0, oif: int | None = None) -> bytes:
-    """Route dump request; with NETLINK_GET_STRICT_CHK the kernel filters by proto and oif
-    (a multipath route matches when any of its hops uses `oif`)."""
-    body = _RTMSG.pack(family, 0, 0, 0, 0, proto, 0, 0, 0)
+def route_dump(family: int, *, proto: int = 0, oif: int | None = None, table: int = 0) -> bytes:
+    """Route dump request; with NETLINK_GET_STRICT_CHK the kernel filters by proto, oif
+    (a multipath route matches when any of its hops uses `oif`) and table (< 256)."""
+    body = _RTMSG.pack(family, 0, 0, 0, table, proto, 0, 0, 0)
     return body + attr_u32(RTA_OIF, oif) if oif is not None else body
 
 
