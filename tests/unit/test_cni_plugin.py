@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -575,6 +576,13 @@ def test_env_errors_are_reported_before_config_errors(agent: FakeAgent) -> None:
         (b'{"cniVersion": "1.1.0", "name": "f", "agentSocket": "rel.sock"}', 7, ["agentSocket"]),
         (b'{"cniVersion": "1.1.0", "name": "f", "agentSocket": 5}', 7, ["agentSocket"]),
         (b'{"cniVersion": "1.1.0", "name": "f", "stateDir": "x"}', 7, ["stateDir"]),
+        (
+            json.dumps(
+                {"cniVersion": "1.1.0", "name": "f", "agentSocket": "/" + "s" * 107}
+            ).encode(),
+            7,
+            ["agentSocket", "107"],
+        ),
         (b'{"cniVersion": "1.1.0", "name": "f", "agentTimeout": -1}', 7, ["agentTimeout"]),
         (b'{"cniVersion": "1.1.0", "name": "f", "agentTimeout": true}', 7, ["agentTimeout"]),
         (b'{"cniVersion": "1.1.0", "name": "f", "agentTimeout": NaN}', 6, ["NaN"]),
@@ -745,3 +753,43 @@ def _fuzz_target() -> Callable[[bytes], None]:
 )
 def test_fuzz_corpus_input(path: Path) -> None:
     _fuzz_target()(path.read_bytes())
+
+
+def test_full_listen_backlog_is_retried_not_failed(tmp: Path) -> None:
+    """A burst of CNI calls can fill the agent's listen backlog: connect() then fails
+    with EAGAIN at once. That means busy, not gone: the plugin must retry."""
+    path = tmp / "busy.sock"
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(1)
+    fillers = []
+    for _ in range(4):  # fill the backlog (more than it holds)
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(str(path))
+        fillers.append(c)
+
+    def serve_late() -> None:
+        time.sleep(0.4)
+        for c in fillers:
+            c.close()
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                data = b""
+                while chunk := conn.recv(65536):
+                    data += chunk
+                if data:  # the plugin's request (fillers send nothing)
+                    conn.sendall(json.dumps({"result": RESULT_110}).encode())
+                    return
+
+    t = threading.Thread(target=serve_late, daemon=True)
+    t.start()
+    try:
+        r = run_plugin(SOURCE, attach_env("ADD"), conf(path, "1.1.0", agentTimeout=5))
+    finally:
+        t.join(10)
+        srv.close()
+    assert r.rc == 0, r
+    assert r.out is not None and r.out["ips"] == RESULT_110["ips"]

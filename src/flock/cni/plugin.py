@@ -302,6 +302,13 @@ def check_config(command: str, config: object) -> JsonObject:
                 f"network config key {key} must be an absolute path",
                 f"{key}={value!r}",
             )
+    sock = config.get("agentSocket")
+    if isinstance(sock, str) and len(sock.encode("utf-8", "surrogateescape")) > 107:
+        raise Failure(
+            ERR_INVALID_CONFIG,
+            "network config key agentSocket is longer than a unix socket path may be",
+            f"{len(sock.encode('utf-8', 'surrogateescape'))} bytes; at most 107",
+        )
     timeout = config.get("agentTimeout")
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
@@ -387,10 +394,14 @@ def call_agent(path: str, request: bytes, *, timeout: float, connect_wait: float
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.connect(path)
             break
-        except (FileNotFoundError, ConnectionRefusedError) as e:
+        except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as e:
+            # BlockingIOError (EAGAIN): the agent's listen backlog is full; it is busy, not gone.
             sock.close()
             if time.monotonic() >= connect_deadline:
-                why = "no socket" if isinstance(e, FileNotFoundError) else "connection refused"
+                why = {
+                    FileNotFoundError: "no socket",
+                    ConnectionRefusedError: "connection refused",
+                }.get(type(e), "listen backlog full")
                 raise AgentUnreachable(f"{path}: {why}") from None
             time.sleep(0.05)
         except TimeoutError:
