@@ -263,8 +263,12 @@ def test_gc_releases_what_the_runtime_no_longer_lists(fnode: TestNode) -> None:
     gone2 = fnode.add_pod("gone2")
     # A veth of ours that no allocation knows (e.g. left by a crash before persisting).
     fnode.exec("ip", "link", "add", "flkdeadbeef000", "type", "veth", "peer", "name", "faxpeer")
+    # And a host route of ours (proto 70) towards the kept pod that no allocation has.
+    keep_if = keep.result.json["interfaces"][0]["name"]  # type: ignore[union-attr]
+    fnode.exec("ip", "-6", "route", "add", "2001:db8:f001::dead/128", "dev", keep_if, "proto", "70")
     res = fnode.cni_gc([keep])
     assert res.ok, res.stdout
+    assert "2001:db8:f001::dead" not in fnode.exec("ip", "-6", "route", "show", "proto", "70")
     st = fnode.status()
     assert [a["pod"] for a in st["allocations"]] == ["keep"]
     keep_veth = keep.result.json["interfaces"][0]["name"]  # type: ignore[union-attr]

@@ -544,6 +544,19 @@ class CniService:
             if veth.name not in known:
                 log.info("GC: removing leftover veth", extra={"ifname": veth.name})
                 await self._teardown(AttachmentKey("gc", "eth0"), veth.name)
+        # Host routes of ours that no allocation accounts for (e.g. left by a crash
+        # between a veth's reuse and its routes' removal).
+        list_routes = getattr(self.datapath, "list_pod_routes", None)
+        delete_route = getattr(self.datapath, "delete_pod_route", None)
+        if list_routes is not None and delete_route is not None:
+            routes = await self._kernel(list_routes)
+            # After the listing: an allocation is made before its routes, so every
+            # listed route of a live pod is expected here.
+            expected = {(ip, a.host_ifname) for a in self.ipam.all() for ip in a.all_addresses}
+            for r in routes:
+                if (r.dst, r.ifname) not in expected:
+                    log.info("GC: removing leftover host route", extra={"dst": str(r.dst)})
+                    await self._kernel(delete_route, r)
         if released:
             log.info("GC released %d attachments", len(released))
         await self.reconciler.sync()
