@@ -40,7 +40,7 @@ from typing import Any
 
 from flock.agent import rpc
 from flock.testbed import netns
-from flock.testbed.node import Pod, TestNode
+from flock.testbed.node import Pod, TestNode, pod_manifest
 
 PREFIX = "fab"
 REF_BIN = Path("/usr/lib/cni")
@@ -306,10 +306,22 @@ def run_readiness(flips: int) -> dict[str, list[float]]:
         withdraw, restore = [], []
         for i in range(flips * 2):
             ready = i % 2 == 1
+            # Prepare the new manifest first; the clock starts at the rename that
+            # publishes it (what a writer's commit is).
+            obj = pod_manifest(
+                "dns",
+                node=node.name,
+                uid=pod.uid,
+                annotations={"flock.fritzlab.net/anycast": "2001:db8:a::53"},
+                ready=ready,
+            )
+            path = node.manifests_dir / "pod-default-dns.yaml"
+            tmp = path.with_name(".flip.tmp")
+            tmp.write_text(json.dumps(obj))
             with cv:
                 n = len(events)
             t0 = time.perf_counter()
-            node.set_ready(pod, ready)
+            os.replace(tmp, path)
             want = "2001:db8:a::53" if ready else "Deleted 2001:db8:a::53"
             with cv:
                 ok = cv.wait_for(lambda n=n, w=want: any(w in ln for _, ln in events[n:]), 5)
