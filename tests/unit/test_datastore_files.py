@@ -263,3 +263,38 @@ def test_object_moving_between_files_is_not_lost(tmp_path: Path) -> None:
             await ds.close()
 
     run(body)
+
+
+def test_directory_created_late_or_replaced_is_watched_again(tmp_path: Path) -> None:
+    d = tmp_path / "later"
+
+    async def body() -> None:
+        ds = FilesDatastore(d, node_name=NODE, rescan_interval=3600)
+        await ds.start()
+        q = ds.subscribe()
+        try:
+            assert ds.snapshot().pods == {}
+            d.mkdir()
+            write(d / "p.yaml", pod("web"))
+            ev = await _next_event(q)  # found by polling, then the watch is armed
+            assert (ev.kind, ev.name) == (Kind.POD, "web")
+            for _ in range(100):
+                if ds._inotify is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert ds._inotify is not None
+            # The directory is replaced wholesale (e.g. a ConfigMap-style swap).
+            (d / "p.yaml").unlink()
+            d.rmdir()
+            ev = await _next_event(q)
+            assert ev.type is EventType.DELETED
+            d.mkdir()
+            write(d / "p.yaml", pod("web", ready=False))
+            ev = await _next_event(q)
+            assert ev.type is EventType.ADDED
+            p = ds.snapshot().pod("default", "web")
+            assert p is not None and not p.ready
+        finally:
+            await ds.close()
+
+    run(body)

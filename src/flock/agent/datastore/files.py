@@ -41,6 +41,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ from flock.model.pod import Namespace, Pod
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
+POLL_INTERVAL = 0.2  # seconds, only while the directory cannot be watched
 
 _Loader: type[Any] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -258,6 +260,7 @@ class FilesDatastore:
         self._synced = asyncio.Event()
         self._inotify: _Inotify | None = None
         self._task: asyncio.Task[None] | None = None
+        self._warned = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Files that do not parse, and files whose copy of our NodeConfig is invalid.
         self.file_errors: dict[str, str] = {}
@@ -280,23 +283,39 @@ class FilesDatastore:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._use_inotify:
-            try:
-                self._inotify = _Inotify(self._dir)
-            except OSError as e:
-                log.warning(
-                    "inotify unavailable, falling back to polling",
-                    extra={"directory": str(self._dir), "reason": str(e)},
-                )
-                self._rescan_interval = min(self._rescan_interval, 0.5)
         # Watch first, then list: a change between the two is seen twice, never missed.
+        self._arm()
         self._full_rescan()
-        if self._inotify is not None:
-            self._loop.add_reader(self._inotify.fd, self._on_inotify)
         self._synced.set()
         self._snap = None
         self._emit(Event(None, EventType.RESYNC))
         self._task = asyncio.create_task(self._rescan_loop(), name="files-datastore-rescan")
+
+    def _arm(self) -> bool:
+        """(Re)create the inotify watch; False (and polling) while that is impossible,
+        e.g. the directory does not exist yet."""
+        if not self._use_inotify or self._inotify is not None or self._loop is None:
+            return self._inotify is not None
+        try:
+            self._inotify = _Inotify(self._dir)
+        except OSError as e:
+            if not self._warned:
+                log.warning(
+                    "cannot watch the manifests directory, polling it until it can be watched",
+                    extra={"directory": str(self._dir), "reason": str(e)},
+                )
+                self._warned = True
+            return False
+        self._loop.add_reader(self._inotify.fd, self._on_inotify)
+        self._warned = False
+        return True
+
+    def _disarm(self) -> None:
+        if self._inotify is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
 
     async def close(self) -> None:
         if self._task is not None:
@@ -304,11 +323,7 @@ class FilesDatastore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._inotify is not None:
-            if self._loop is not None:
-                self._loop.remove_reader(self._inotify.fd)
-            self._inotify.close()
-            self._inotify = None
+        self._disarm()
 
     async def wait_synced(self, timeout: float | None = None) -> bool:
         try:
@@ -388,6 +403,10 @@ class FilesDatastore:
             return
         names, rescan = self._inotify.read()
         if rescan:
+            # Overflow, or the directory itself went away or moved: re-arm the watch
+            # (it may be gone) and read everything again.
+            self._disarm()
+            self._arm()
             self._full_rescan()
             return
         for n in sorted(names):
@@ -401,10 +420,19 @@ class FilesDatastore:
             log.exception("manifest watch failed; will rescan", extra={"dir": str(self._dir)})
 
     async def _rescan_loop(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self._rescan_interval)
+            # Tick often; rescan everything only without a watch (readiness flips gate
+            # anycast withdraws) or every rescan_interval as a safety net.
+            await asyncio.sleep(POLL_INTERVAL)
             try:
-                self._full_rescan()
+                armed = self._inotify is None and self._arm()
+                if armed:  # watch first, then list everything (as at start)
+                    log.info("watching the manifests directory", extra={"dir": str(self._dir)})
+                due = time.monotonic() - last >= self._rescan_interval
+                if armed or due or self._inotify is None:
+                    last = time.monotonic()
+                    self._full_rescan()
             except Exception:
                 log.exception("manifest rescan failed", extra={"dir": str(self._dir)})
 
