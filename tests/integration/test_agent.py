@@ -497,3 +497,17 @@ def test_bird_exports_follow_readiness_and_health_fails_while_bird_is_down(
         assert wait_for(lambda: bird_has(ANY6) and bird_has(ANY4), timeout=5)
     finally:
         bird.stop()
+
+
+def test_del_while_the_agent_is_down_is_replayed_at_start(fnode: TestNode) -> None:
+    p = fnode.add_pod("p")
+    keep = fnode.add_pod("keep")
+    fnode.stop_agent()
+    res = fnode.cni_del(p)  # the plugin records it and reports success
+    assert res.ok, res.stdout
+    fnode.start_agent()
+    st = fnode.status()
+    assert [a["pod"] for a in st["allocations"]] == ["keep"]
+    veth = p.result.json["interfaces"][0]["name"]  # type: ignore[union-attr]
+    assert wait_for(lambda: veth not in veths(fnode))
+    assert fnode.cni_check(keep).ok
