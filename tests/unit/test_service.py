@@ -305,3 +305,23 @@ def test_concurrent_adds_share_fsyncs_and_all_are_durable(tmp_path: Path) -> Non
         assert keys == sorted(f"c{i}" for i in range(1, 16, 2))
 
     run(tmp_path, body)
+
+
+def test_check_compares_prev_result_with_what_the_pod_holds(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, _dp, _store, m = env
+        write(m / "p.yaml", pod_doc("web"))
+        res = await svc.handle(req("ADD", "c1", "web"))
+
+        def check(prev: dict[str, Any]) -> CniRequest:
+            msg = req("CHECK", "c1", "web").to_wire()
+            msg["config"] = {**msg["config"], "prevResult": prev}
+            return CniRequest.from_wire(msg)
+
+        await svc.handle(check({"cniVersion": "1.1.0", **res}))
+        wrong = {"ips": [{"address": "10.1.0.99/32"}, *res["ips"][:1]]}
+        with pytest.raises(CniError) as ei:
+            await svc.handle(check(wrong))
+        assert "10.1.0.99" in ei.value.details and "10.1.0.1" in ei.value.details
+
+    run(tmp_path, body)

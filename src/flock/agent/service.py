@@ -29,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
@@ -516,6 +517,7 @@ class CniService:
         async with self._locks.hold(req.container_id):
             spec = PodNetSpec.from_allocation(replace(alloc, netns=req.netns or alloc.netns))
             problems = await self._kernel(self.datapath.check_pod, spec)
+        problems += prev_result_problems(req.prev_result, alloc)
         if problems:
             raise CniError(
                 ERR_CHECK,
@@ -571,6 +573,27 @@ class CniService:
             await self.datastore.get_node_config()
         except NodeConfigUnavailable as e:
             raise CniError(ERR_NOT_AVAILABLE, f"flock agent cannot serve ADD: {e}") from None
+
+
+def prev_result_problems(prev: Mapping[str, Any] | None, alloc: Allocation) -> list[str]:
+    """Differences between the result the runtime kept from ADD and what the agent holds."""
+    if not prev or not isinstance(prev.get("ips"), list):
+        return []
+    listed: set[str] = set()
+    for entry in prev["ips"]:
+        addr = entry.get("address") if isinstance(entry, Mapping) else None
+        if isinstance(addr, str):
+            try:
+                listed.add(str(ipaddress.ip_address(addr.split("/", 1)[0])))
+            except ValueError:
+                listed.add(addr)
+    held = {str(ip) for ip in alloc.all_addresses}
+    out = []
+    if listed - held:
+        out.append(f"prevResult lists {', '.join(sorted(listed - held))}, not held by this pod")
+    if held - listed:
+        out.append(f"the pod holds {', '.join(sorted(held - listed))}, missing from prevResult")
+    return out
 
 
 def cni_result(links: PodNetResult) -> dict[str, Any]:
