@@ -518,6 +518,9 @@ class TestNode:
         return self.cni("DEL", **self._pod_env(pod), **kw)
 
     def cni_check(self, pod: Pod, **kw: Any) -> PluginResult:
+        """CHECK with the ADD result as prevResult, as a runtime sends it."""
+        if "config" not in kw and pod.result is not None and pod.result.ok:
+            kw["config"] = self.network_config(prevResult=pod.result.json)
         return self.cni("CHECK", **self._pod_env(pod), **kw)
 
     def cni_gc(self, valid: Sequence[Pod]) -> PluginResult:
