@@ -35,6 +35,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from flock.compile.embed import fnv1a32
 from flock.model.nodeconfig import IPAddress, IPNetwork, NodeConfig, Peer
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -131,10 +132,7 @@ def choose_router_id(
     if v4:
         return v4[0]
     # FNV-1a over the node name; never 0.0.0.0.
-    h = 0x811C9DC5
-    for byte in node.name.encode():
-        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return ipaddress.IPv4Address(h or 1)
+    return ipaddress.IPv4Address(fnv1a32(node.name.encode()) or 1)
 
 
 def source_address(peer: IPAddress, local_addresses: Sequence[LocalAddress]) -> IPAddress | None:
