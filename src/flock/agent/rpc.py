@@ -71,8 +71,16 @@ def _prepare_path(path: Path) -> None:
 
 
 def _bind(path: Path) -> socket.socket:
-    """A listening socket at `path`, mode 0600 from the first moment it is reachable."""
+    """A listening socket at `path` (see `bind_private`); a live server's socket is never stolen."""
     _prepare_path(path)
+    return bind_private(path, backlog=512)
+
+
+def bind_private(path: Path, *, backlog: int) -> socket.socket:
+    """A non-blocking listening socket at `path`, mode 0600 from the first moment it is reachable.
+
+    An existing file at `path` is replaced atomically; the caller decides whether that is safe.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
@@ -82,7 +90,7 @@ def _bind(path: Path) -> socket.socket:
         # listen(), and by then the mode is 0600 and only then is the name public.
         sock.bind(str(tmp))
         os.chmod(tmp, 0o600)
-        sock.listen(512)
+        sock.listen(backlog)
         os.replace(tmp, path)
     except BaseException:
         sock.close()
@@ -295,8 +303,13 @@ async def request(path: Path, message: dict[str, Any], *, timeout: float = 30.0)
     return reply
 
 
-def call(path: Path, message: dict[str, Any] | bytes, *, timeout: float = 30.0) -> dict[str, Any]:
-    """Blocking variant of `request`, for tests and tools (bytes are sent as they are)."""
+def call(
+    path: Path, message: dict[str, Any] | bytes, *, timeout: float = 30.0, what: str = "RPC"
+) -> dict[str, Any]:
+    """Blocking variant of `request`, for tests and tools (bytes are sent as they are).
+
+    `what` names the service in the error raised when the reply is not a JSON object.
+    """
     raw = message if isinstance(message, bytes) else json.dumps(message).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -308,5 +321,5 @@ def call(path: Path, message: dict[str, Any] | bytes, *, timeout: float = 30.0) 
             chunks.append(chunk)
     reply = json.loads(b"".join(chunks))
     if not isinstance(reply, dict):
-        raise ValueError("RPC reply is not an object")
+        raise ValueError(f"{what} reply is not an object")
     return reply

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from flock.agent.rpc import bind_private, call
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +32,7 @@ async def serve_status(
 ) -> asyncio.Server:
     """Serve `inspect()` as JSON to anyone who connects to `path` (mode 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(tmp))
-        os.chmod(tmp, 0o600)
-        sock.listen(16)
-        os.replace(tmp, path)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
+    sock = bind_private(path, backlog=16)
 
     async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -69,18 +57,7 @@ async def serve_status(
 
 def query(path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
     """Ask the agent behind `path` for its state."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(b"{}")
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    out = json.loads(b"".join(chunks))
-    if not isinstance(out, dict):
-        raise ValueError("status reply is not an object")
-    return out
+    return call(path, b"{}", timeout=timeout, what="status")
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
