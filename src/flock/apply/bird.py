@@ -52,6 +52,7 @@ from flock.compile.bird import (
     protocol_name,
     render,
 )
+from flock.durable import fsync_dir
 from flock.model.nodeconfig import IPAddress, IPNetwork, NodeConfig, Peer
 
 log = logging.getLogger(__name__)
@@ -323,11 +324,7 @@ def write_atomically(path: Path, text: str, *, mode: int = 0o600, durable: bool 
             os.unlink(tmp)
         raise
     if durable:
-        dfd = os.open(path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(path.parent)
 
 
 PasswordResolver = Callable[[Peer], Awaitable[str]]

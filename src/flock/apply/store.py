@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flock.durable import fsync_dir, write_all
 from flock.model.allocation import Allocation, AttachmentKey, IPAddress
 
 SCHEMA_VERSION = 1
@@ -157,21 +158,6 @@ def allocation_from_dict(d: Any) -> Allocation:
 
 
 # ---- file helpers ----------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 def _encode(a: Allocation) -> bytes:
@@ -440,7 +426,7 @@ class AllocationStore:
         fd = self._journal()
         end = os.lseek(fd, 0, os.SEEK_END)
         try:
-            _write_all(fd, b"".join(lines))
+            write_all(fd, b"".join(lines))
             os.fdatasync(fd)
         except OSError:
             # e.g. ENOSPC after a partial write: cut the partial record so that the
@@ -519,7 +505,7 @@ class AllocationStore:
                 self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600
             )
             if not existed:
-                _fsync_dir(self.state_dir)
+                fsync_dir(self.state_dir)
         return self._journal_fd
 
     def _write_snapshot(self, seq: int) -> None:
@@ -540,7 +526,7 @@ class AllocationStore:
         tmp = self.state_dir / f".{SNAPSHOT_NAME}.tmp.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -549,7 +535,7 @@ class AllocationStore:
             raise
         os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
         self._snapshot_len = len(parts)
 
     def _reset_journal(self) -> None:
@@ -561,7 +547,7 @@ class AllocationStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
         self._journal_records = 0
 
     def __enter__(self) -> AllocationStore:

@@ -48,6 +48,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from flock.durable import fsync_dir, write_all
+
 PLUGIN_NAME = "flock"
 TREE_LINK = "flock.d"
 TREE_PREFIX = ".flock-"
@@ -69,14 +71,6 @@ class InstallError(Exception):
     pass
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(path: Path, data: bytes, mode: int) -> bool:
     """Replace `path` with `data` by rename; False (and no write) if it already holds it."""
     try:
@@ -89,9 +83,7 @@ def write_atomic(path: Path, data: bytes, mode: int) -> bool:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fchmod(fd, mode)
         os.fsync(fd)
     except BaseException:
