@@ -126,6 +126,7 @@ class NftPolicy:
         self._parsed: dict[tuple[str, str], tuple[Mapping[str, Any], Any]] = {}
         self._local: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._empty_applied = False
+        self._rejected_applied: dict[tuple[str, str], str] = {}
 
     def _policies(self, snap: Snapshot) -> tuple[list[Any], dict[tuple[str, str], str]]:
         from flock.model.policy import NetworkPolicy, PolicyError
@@ -159,9 +160,10 @@ class NftPolicy:
         from flock.model.pod import Pod
 
         good, bad = self._policies(snapshot)
-        if not good and self._empty_applied:
+        if not good and self._empty_applied and bad == self._rejected_applied:
             # No NetworkPolicy selects anyone, so no pod is isolated: the ruleset is
-            # empty whatever the pods are, and it is already applied.
+            # empty whatever the pods are, and it is already applied (and the engine
+            # already reports these rejected policies).
             return
         pods = dict(snapshot.pods)
         local = []
@@ -191,6 +193,7 @@ class NftPolicy:
         )
         await self.service.run_kernel(self.engine.sync, inputs)
         self._empty_applied = not good
+        self._rejected_applied = bad
 
 
 # ---- start-up re-sync ----------------------------------------------------------------------

@@ -1,0 +1,390 @@
+"""NetworkPolicy through the real agent: no window between a pod's ADD and its rules.
+
+The policy engine has its own traffic tests (`test_policy_traffic.py`) that call it
+directly. These drive it the way a cluster does: the real `flock agent` runs in a
+node namespace (`flock.testbed.node.TestNode`, prefix `fw`), NetworkPolicy and Pod
+manifests are written into its manifests directory (what the API server would
+hold), and the real CNI plugin is executed as a runtime executes it.
+
+Each pod's sandbox gets a TCP echo server (dual-stack, several ports) *before* its
+ADD, so the moment the ADD returns the pod would answer if nothing stopped the
+traffic. The first probe after the ADD is the assertion: no retry, no wait. A
+blocked probe is a connect timeout (nftables drops); a reachable one is a
+completed echo.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from flock.testbed.node import PYTHON, Pod, TestNode
+
+pytestmark = pytest.mark.root
+
+PREFIX = "fw"
+PORTS = (8080, 9090)
+BLOCKED_TIMEOUT = 1.0  # a dropped SYN: no answer within this time
+
+SPEC: dict[str, Any] = {"cidr6": ["2001:db8:f0a1::/64"], "cidr4": ["10.61.0.0/24"]}
+
+SERVER = textwrap.dedent(
+    """
+    import selectors, socket, sys
+    sel = selectors.DefaultSelector()
+    for port in map(int, sys.argv[1:]):
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("::", port))
+        s.listen(64)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, "listen")
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            s = key.fileobj
+            try:
+                if key.data == "listen":
+                    c, _ = s.accept()
+                    c.setblocking(False)
+                    sel.register(c, selectors.EVENT_READ, "conn")
+                else:
+                    data = s.recv(2048)
+                    if data:
+                        s.send(b"ok:" + data)
+                    else:
+                        sel.unregister(s)
+                        s.close()
+            except BlockingIOError:
+                pass
+            except OSError:
+                if key.data == "conn":
+                    sel.unregister(s)
+                    s.close()
+    """
+)
+
+# One attempt per target, all targets at once: "ok", "timeout" or the error's name.
+PROBE = textwrap.dedent(
+    """
+    import json, socket, sys
+    from concurrent.futures import ThreadPoolExecutor
+    timeout = float(sys.argv[1])
+    def probe(item):
+        addr, port = item
+        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                s.connect((addr, port))
+                s.send(b"x")
+                return "ok" if s.recv(16) == b"ok:x" else "bad-reply"
+            except socket.timeout:
+                return "timeout"
+            except OSError as e:
+                return type(e).__name__
+    items = json.load(sys.stdin)
+    with ThreadPoolExecutor(max_workers=max(1, len(items))) as ex:
+        print(json.dumps(list(ex.map(probe, items))))
+    """
+)
+
+
+@dataclass
+class Cluster:
+    """A node with its agent, plus the echo servers started in pod sandboxes."""
+
+    node: TestNode
+    servers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def policy(self, name: str, spec: Mapping[str, Any], *, namespace: str = "default") -> str:
+        """Write a NetworkPolicy manifest; returns its file name."""
+        fname = f"np-{namespace}-{name}.yaml"
+        self.node.write(
+            fname,
+            {
+                "apiVersion": "networking.k8s.io/v1",
+                "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": dict(spec),
+            },
+        )
+        return fname
+
+    def remove(self, fname: str) -> None:
+        (self.node.manifests_dir / fname).unlink()
+
+    def pod(
+        self,
+        name: str,
+        *,
+        labels: Mapping[str, str] | None = None,
+        ports: Sequence[Mapping[str, Any]] = (),
+        serve: Sequence[int] = PORTS,
+    ) -> Pod:
+        """Manifest, sandbox, echo server listening in the sandbox, then the plugin's ADD.
+
+        Returns once the ADD has returned (the runtime would start containers now).
+        """
+        node = self.node
+        uid = node.put_pod(name, labels=labels, ports=ports)
+        pod = Pod(
+            namespace="default",
+            name=name,
+            uid=uid,
+            netns_name=node.new_pod_netns(),
+            container_id=uuid.uuid4().hex,
+        )
+        node.pods[f"default/{name}"] = pod
+        if serve:
+            self.serve(pod, serve)
+        pod.result = node.cni_add(pod)
+        assert pod.result.ok, f"ADD {name}: {pod.result.stdout} {pod.result.stderr}"
+        return pod
+
+    def serve(self, pod: Pod, ports: Sequence[int]) -> None:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", pod.netns_name, PYTHON, "-c", SERVER, *map(str, ports)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self.servers.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == b"ready", proc.stderr.read() if proc.stderr else b""
+
+    def stop_servers(self) -> None:
+        for proc in self.servers:
+            if proc.poll() is None:
+                proc.kill()  # by PID: ip netns exec execs the server in place
+            proc.wait(5)
+        self.servers.clear()
+
+
+def addrs(pod: Pod) -> list[str]:
+    assert pod.result is not None
+    return pod.result.ips()
+
+
+def probe(
+    src: Pod, targets: Sequence[tuple[str, int]], timeout: float = BLOCKED_TIMEOUT
+) -> list[str]:
+    """One TCP connect (+ echo) from `src` to each target, concurrently; no retry."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", src.netns_name, PYTHON, "-c", PROBE, str(timeout)],
+        input=json.dumps([list(t) for t in targets]).encode(),
+        capture_output=True,
+        timeout=30,
+        check=True,
+    )
+    res = json.loads(out.stdout)
+    assert isinstance(res, list)
+    return [str(r) for r in res]
+
+
+def reach(src: Pod, dst: Pod, port: int, timeout: float = BLOCKED_TIMEOUT) -> dict[str, str]:
+    """Probe result per destination address (both families)."""
+    targets = [(a, port) for a in addrs(dst)]
+    return dict(zip([a for a, _ in targets], probe(src, targets, timeout), strict=True))
+
+
+def all_ok(res: Mapping[str, str]) -> bool:
+    return bool(res) and all(v == "ok" for v in res.values())
+
+
+def all_blocked(res: Mapping[str, str]) -> bool:
+    return bool(res) and all(v == "timeout" for v in res.values())
+
+
+def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def table(node: TestNode) -> str:
+    return node.exec("nft", "list", "table", "inet", "flock", check=False)
+
+
+def rejected(node: TestNode) -> dict[str, str]:
+    pol = node.status().get("policy") or {}
+    return dict(pol.get("rejected_policies") or {})
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A node with its NodeConfig written; the test starts the agent (so it can put
+    manifests in place first)."""
+    node = TestNode.create(PREFIX, v6="2001:db8:fff1::1/64", v4="198.51.100.61/24")
+    c = Cluster(node)
+    try:
+        node.set_node_config(SPEC)
+        yield c
+    finally:
+        c.stop_servers()
+        log = node.log_tail(60)
+        node.destroy()
+        print(log)
+
+
+DENY_INGRESS_X = {"podSelector": {"matchLabels": {"app": "x"}}, "policyTypes": ["Ingress"]}
+
+
+def test_deny_all_ingress_holds_from_the_moment_add_returns(cluster: Cluster) -> None:
+    """(a) A pod a deny-all-ingress policy selects is unreachable on the first probe
+    after its ADD; an unselected pod added the same way is reachable at once."""
+    cluster.policy("deny-x", DENY_INGRESS_X)
+    cluster.node.start_agent()
+    cli = cluster.pod("cli", labels={"app": "cli"})
+    x1 = cluster.pod("x1", labels={"app": "x"})
+    first = reach(cli, x1, 8080)
+    plain = cluster.pod("plain", labels={"app": "plain"})
+    control = reach(cli, plain, 8080)
+    assert all_blocked(first), first
+    assert all_ok(control), control
+    # Only ingress is isolated: x1 itself still connects out.
+    assert all_ok(reach(x1, plain, 9090))
+
+    # A policy written while the agent runs, immediately followed by the ADD of a pod
+    # it selects (no wait for the agent to notice the file): still no window.
+    cluster.policy(
+        "deny-y", {"podSelector": {"matchLabels": {"app": "y"}}, "policyTypes": ["Ingress"]}
+    )
+    y1 = cluster.pod("y1", labels={"app": "y"})
+    first_y = reach(cli, y1, 9090)
+    assert all_blocked(first_y), first_y
+    assert all_ok(reach(plain, cli, 8080))
+
+
+def test_allowed_client_connects_on_its_first_try(cluster: Cluster) -> None:
+    """(b) With an allow-from policy in force, a client added afterwards can connect
+    the moment its ADD returns: its addresses are already in the peer sets."""
+    cluster.policy(
+        "web-from-client",
+        {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": {"role": "client"}}}],
+                    "ports": [{"protocol": "TCP", "port": 8080}],
+                }
+            ],
+        },
+    )
+    cluster.node.start_agent()
+    web = cluster.pod("web", labels={"app": "web"})
+    c1 = cluster.pod("c1", labels={"role": "client"}, serve=())
+    first = reach(c1, web, 8080)
+    assert all_ok(first), first
+    ruleset = table(cluster.node)
+    for a in addrs(c1):
+        assert a in ruleset, f"{a} not in a peer set:\n{ruleset}"
+    # The rule's port and peer restrictions hold too.
+    assert all_blocked(reach(c1, web, 9090))
+    other = cluster.pod("other", labels={"role": "nobody"}, serve=())
+    assert all_blocked(reach(other, web, 8080))
+    # A second client, added while the first one's connections are live.
+    c2 = cluster.pod("c2", labels={"role": "client"}, serve=())
+    assert all_ok(reach(c2, web, 8080))
+
+
+def test_policy_added_and_removed_while_the_agent_runs(cluster: Cluster) -> None:
+    """(c) A policy written while the agent runs takes effect within a bounded time;
+    removing its manifest restores reachability."""
+    cluster.node.start_agent()
+    db = cluster.pod("db", labels={"app": "db"})
+    cli = cluster.pod("cli", labels={"app": "cli"})
+    assert all_ok(reach(cli, db, 8080))
+    fname = cluster.policy(
+        "deny-db", {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}
+    )
+    assert wait_until(lambda: all_blocked(reach(cli, db, 8080, timeout=0.5)), 10), table(
+        cluster.node
+    )
+    assert all_blocked(reach(cli, db, 9090))
+    assert all_ok(reach(db, cli, 8080))  # cli is not selected
+    cluster.remove(fname)
+    assert wait_until(lambda: all_ok(reach(cli, db, 8080, timeout=0.5)), 10), table(cluster.node)
+    assert all_ok(reach(cli, db, 9090))
+
+
+def test_malformed_policy_is_reported_and_disturbs_nothing(cluster: Cluster) -> None:
+    """(d) A policy that does not validate is listed in `flock status` with the
+    field that is wrong, is not enforced, and the good policies keep working."""
+    cluster.node.start_agent()
+    cli = cluster.pod("cli", labels={"app": "cli"})
+    x1 = cluster.pod("x1", labels={"app": "x"})
+    bad_spec = {
+        "podSelector": {
+            "matchExpressions": [{"key": "app", "operator": "Maybe", "values": ["cli"]}]
+        },
+        "policyTypes": ["Ingress"],
+    }
+    # Alone: reported although no valid policy exists.
+    cluster.policy("bad", bad_spec)
+    assert wait_until(lambda: "default/bad" in rejected(cluster.node), 10), cluster.node.status()
+    assert "Maybe" in rejected(cluster.node)["default/bad"]
+    assert all_ok(reach(x1, cli, 8080))  # not half-applied: cli is not isolated
+    # Next to a good one.
+    cluster.policy("deny-x", DENY_INGRESS_X)
+    assert wait_until(lambda: all_blocked(reach(cli, x1, 8080, timeout=0.5)), 10)
+    assert "default/bad" in rejected(cluster.node)
+    assert all_ok(reach(x1, cli, 8080))
+    x2 = cluster.pod("x2", labels={"app": "x"})
+    assert all_blocked(reach(cli, x2, 8080))
+    # Fixed: no longer rejected, and now enforced (it selects cli).
+    cluster.policy("bad", {**bad_spec, "podSelector": {"matchLabels": {"app": "cli"}}})
+    assert wait_until(lambda: "default/bad" not in rejected(cluster.node), 10)
+    assert wait_until(lambda: all_blocked(reach(x1, cli, 8080, timeout=0.5)), 10)
+
+
+def test_named_port_resolves_per_destination_pod(cluster: Cluster) -> None:
+    """(e) One named port, two numbers: the agent resolves `http` against each
+    destination pod's own container ports, for ingress and for egress."""
+    cluster.policy(
+        "web-http",
+        {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"ports": [{"protocol": "TCP", "port": "http"}]}],
+        },
+    )
+    cluster.node.start_agent()
+    cli = cluster.pod("cli", labels={"app": "cli"}, serve=())
+    w1 = cluster.pod("w1", labels={"app": "web"}, ports=[{"name": "http", "containerPort": 8080}])
+    w2 = cluster.pod(
+        "w2",
+        labels={"app": "web"},
+        ports=[{"name": "http", "containerPort": 9090, "protocol": "TCP"}],
+    )
+    # w2 was added with the policy in force: right from its first probe.
+    assert all_ok(reach(cli, w2, 9090)) and all_blocked(reach(cli, w2, 8080))
+    assert all_ok(reach(cli, w1, 8080)) and all_blocked(reach(cli, w1, 9090))
+
+    # Egress by name: cli may only open `http` on whoever declares it.
+    cluster.policy(
+        "cli-out-http",
+        {
+            "podSelector": {"matchLabels": {"app": "cli"}},
+            "policyTypes": ["Egress"],
+            "egress": [{"ports": [{"protocol": "TCP", "port": "http"}]}],
+        },
+    )
+    plain = cluster.pod("plain", labels={"app": "plain"})  # declares no port
+    assert wait_until(lambda: all_blocked(reach(cli, plain, 8080, timeout=0.5)), 10)
+    assert all_ok(reach(cli, w1, 8080)) and all_ok(reach(cli, w2, 9090))
+    w3 = cluster.pod("w3", labels={"app": "other"}, ports=[{"name": "http", "containerPort": 9090}])
+    # w3 is not under the ingress policy; cli's egress allows w3:9090 (its http) only.
+    assert all_ok(reach(cli, w3, 9090)) and all_blocked(reach(cli, w3, 8080))
