@@ -23,7 +23,7 @@ import pytest
 
 from flock.compile.embed import field_value
 from flock.testbed import netns
-from flock.testbed.node import Pod, TestNode
+from flock.testbed.node import Pod, TestNode, test_node
 
 pytestmark = pytest.mark.root
 
@@ -50,15 +50,10 @@ SPEC: dict[str, Any] = {
 
 @pytest.fixture
 def fnode() -> Iterator[TestNode]:
-    node = TestNode.create("fa", v6=f"{NODE6}/64", v4=f"{NODE4}/24")
-    try:
+    with test_node("fa", v6=f"{NODE6}/64", v4=f"{NODE4}/24", log_lines=60) as node:
         node.set_node_config(SPEC)
         node.start_agent()
         yield node
-    finally:
-        log = node.log_tail(60)
-        node.destroy()
-        print(log)
 
 
 def ping(pod: Pod | TestNode, dst: str) -> bool:
@@ -99,11 +94,6 @@ def anycast_hops(node: TestNode, ip: str) -> set[str]:
     return hops
 
 
-def eth0_addrs(pod: Pod) -> set[str]:
-    rows = json.loads(pod.exec("ip", "-j", "addr", "show", "dev", "eth0"))
-    return {a["local"] for a in rows[0]["addr_info"] if a.get("scope") == "global"}
-
-
 def wait_for(cond: Any, timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,7 +118,7 @@ def test_dual_stack_pods_ping_each_other_and_the_node(fnode: TestNode) -> None:
     assert ipaddress.ip_address(a6) in ipaddress.ip_network(CIDR6)
     assert ipaddress.ip_address(a4) in ipaddress.ip_network(CIDR4)
     assert {r["dst"] for r in res["routes"]} == {"::/0", "0.0.0.0/0"}
-    assert eth0_addrs(a) == {a6, a4}
+    assert a.global_addrs() == {a6, a4}
     # No address is left tentative, so the first ping goes through at once.
     assert "tentative" not in a.exec("ip", "-6", "addr", "show", "dev", "eth0")
     for src, dst in ((a, b6), (a, b4), (b, a6), (b, a4), (a, NODE6), (a, NODE4)):
@@ -143,8 +133,8 @@ def test_v6_only_and_v4_only_pods(fnode: TestNode) -> None:
     (s6,) = six.result.ips()
     (f4,) = four.result.ips()
     assert ipaddress.ip_address(s6).version == 6 and ipaddress.ip_address(f4).version == 4
-    assert eth0_addrs(six) == {s6}
-    assert eth0_addrs(four) == {f4}
+    assert six.global_addrs() == {s6}
+    assert four.global_addrs() == {f4}
     assert "default" not in six.exec("ip", "-4", "route")
     assert "default" not in four.exec("ip", "-6", "route")
     assert ping(six, NODE6) and ping(four, NODE4)
@@ -187,7 +177,7 @@ def test_addresses_replace_ipam(fnode: TestNode) -> None:
     p = fnode.add_pod("plex", annotations={"addresses": f"{PUB6}, {PUB4}, 2001:db8:c::167"})
     assert p.result is not None
     assert p.result.ips() == [PUB6, PUB4, "2001:db8:c::167"]
-    assert eth0_addrs(p) == {PUB6, PUB4, "2001:db8:c::167"}
+    assert p.global_addrs() == {PUB6, PUB4, "2001:db8:c::167"}
     assert (f"{PUB6}", p.result.json["interfaces"][0]["name"]) in {
         (d.split("/")[0], dev) for d, dev in host_routes(fnode)
     }

@@ -16,13 +16,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from flock.cni import install
 from flock.testbed import netns
-from flock.testbed.node import Pod, TestNode
+from flock.testbed.node import Pod, TestNode, test_node
 
 pytestmark = pytest.mark.root
 
@@ -52,8 +51,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
 def fpnode(request: pytest.FixtureRequest, bundle_dir: Path | None) -> Iterator[TestNode]:
     if request.param == "bundle" and bundle_dir is None:
         pytest.skip("building the bundle needs cc and ldd")
-    node = TestNode.create("fp", v6="2001:db8:ff::1/64", v4="198.51.100.1/24")
-    try:
+    with test_node("fp", v6="2001:db8:ff::1/64", v4="198.51.100.1/24", log_lines=40) as node:
         if request.param == "bundle":
             assert bundle_dir is not None
             install.install(
@@ -62,15 +60,6 @@ def fpnode(request: pytest.FixtureRequest, bundle_dir: Path | None) -> Iterator[
         node.set_node_config(SPEC)
         node.start_agent()
         yield node
-    finally:
-        log = node.log_tail(40)
-        node.destroy()
-        print(log)
-
-
-def eth0_addrs(pod: Pod) -> set[str]:
-    rows = json.loads(pod.exec("ip", "-j", "addr", "show", "dev", "eth0"))
-    return {a["local"] for a in rows[0]["addr_info"] if a.get("scope") == "global"}
 
 
 @pytest.mark.parametrize("version", ["0.4.0", "1.0.0", "1.1.0"])
@@ -80,7 +69,7 @@ def test_add_check_del_at_each_version(fpnode: TestNode, version: str) -> None:
     ns_name = fpnode.new_pod_netns()
     pod = Pod("default", "web", uid, ns_name, "fp" + version.replace(".", "") + "c0ffee")
     fpnode.pods["default/web"] = pod
-    add = fpnode.cni("ADD", **_env(pod), config=conf)
+    add = fpnode.cni("ADD", **fpnode.pod_env(pod), config=conf)
     assert add.ok, add.stdout + add.stderr
     result = add.json
     assert result["cniVersion"] == version
@@ -90,17 +79,17 @@ def test_add_check_del_at_each_version(fpnode: TestNode, version: str) -> None:
         assert [ip["version"] for ip in result["ips"]] == ["6", "4"]
     else:
         assert all("version" not in ip for ip in result["ips"])
-    assert eth0_addrs(pod) == {a.split("/")[0] for a in ips}
+    assert pod.global_addrs() == {a.split("/")[0] for a in ips}
     sandbox = [i for i in result["interfaces"] if i.get("sandbox")]
     assert [(i["name"], i["sandbox"]) for i in sandbox] == [("eth0", pod.netns_path)]
     # mtu on interfaces is a 1.1.0 field: the plugin strips it for older runtimes.
     allowed = {"name", "mac", "sandbox"} | ({"mtu"} if version == "1.1.0" else set())
     assert all(set(i) <= allowed for i in result["interfaces"]), result["interfaces"]
 
-    check = fpnode.cni("CHECK", **_env(pod), config={**conf, "prevResult": result})
+    check = fpnode.cni("CHECK", **fpnode.pod_env(pod), config={**conf, "prevResult": result})
     assert check.ok and check.stdout == "", check.stdout
     for _ in range(2):
-        gone = fpnode.cni("DEL", **_env(pod), config={**conf, "prevResult": result})
+        gone = fpnode.cni("DEL", **fpnode.pod_env(pod), config={**conf, "prevResult": result})
         assert gone.ok and gone.stdout == "", gone.stdout
     assert fpnode.status()["allocations"] == []
 
@@ -144,24 +133,13 @@ def test_del_while_agent_is_down_is_replayed_at_restart(fpnode: TestNode) -> Non
     assert again.result.ips()[1] == pod.result.ips()[1]
 
 
-def _env(pod: Pod) -> dict[str, Any]:
-    return {
-        "container_id": pod.container_id,
-        "netns_path": pod.netns_path,
-        "ifname": pod.ifname,
-        "pod_namespace": pod.namespace,
-        "pod_name": pod.name,
-        "pod_uid": pod.uid,
-    }
-
-
 def test_del_recorded_while_the_agent_runs_is_picked_up(fpnode: TestNode) -> None:
     """A DEL recorded by a plugin that found no socket while the agent was starting lands
     after the start-up replay; the agent's periodic pass (10 s) must still deliver it."""
     from flock.cni import plugin
 
     pod = fpnode.add_pod("late")
-    request = {
+    request: dict[str, object] = {
         "command": "DEL",
         "containerID": pod.container_id,
         "netns": pod.netns_path,

@@ -130,6 +130,11 @@ class Pod:
     def exec(self, *args: str, check: bool = True, timeout: float = 30) -> str:
         return netns.run(list(args), netns=self.netns_name, check=check, timeout=timeout).stdout
 
+    def global_addrs(self, dev: str = "eth0") -> set[str]:
+        """The global-scope addresses on `dev` in the pod's namespace, as the kernel has them."""
+        rows = json.loads(self.exec("ip", "-j", "addr", "show", "dev", dev))
+        return {a["local"] for a in rows[0]["addr_info"] if a.get("scope") == "global"}
+
 
 def pod_manifest(
     name: str,
@@ -512,16 +517,16 @@ class TestNode:
         return pod
 
     def cni_add(self, pod: Pod, **kw: Any) -> PluginResult:
-        return self.cni("ADD", **self._pod_env(pod), **kw)
+        return self.cni("ADD", **self.pod_env(pod), **kw)
 
     def cni_del(self, pod: Pod, **kw: Any) -> PluginResult:
-        return self.cni("DEL", **self._pod_env(pod), **kw)
+        return self.cni("DEL", **self.pod_env(pod), **kw)
 
     def cni_check(self, pod: Pod, **kw: Any) -> PluginResult:
         """CHECK with the ADD result as prevResult, as a runtime sends it."""
         if "config" not in kw and pod.result is not None and pod.result.ok:
             kw["config"] = self.network_config(prevResult=pod.result.json)
-        return self.cni("CHECK", **self._pod_env(pod), **kw)
+        return self.cni("CHECK", **self.pod_env(pod), **kw)
 
     def cni_gc(self, valid: Sequence[Pod]) -> PluginResult:
         cfg = self.network_config(
@@ -536,7 +541,8 @@ class TestNode:
     def cni_status(self) -> PluginResult:
         return self.cni("STATUS", ifname="")
 
-    def _pod_env(self, pod: Pod) -> dict[str, Any]:
+    def pod_env(self, pod: Pod) -> dict[str, Any]:
+        """The `cni()` keywords that name `pod`'s attachment, as a runtime sets them."""
         return {
             "container_id": pod.container_id,
             "netns_path": pod.netns_path,
@@ -559,13 +565,20 @@ class TestNode:
 
 
 @contextlib.contextmanager
-def test_node(prefix: str, **kw: Any) -> Iterator[TestNode]:
-    """A `TestNode` for the duration of a block; always destroyed afterwards."""
+def test_node(prefix: str, *, log_lines: int = 0, **kw: Any) -> Iterator[TestNode]:
+    """A `TestNode` for the duration of a block; always destroyed afterwards.
+
+    With `log_lines`, the last lines of the agent's log are printed after the
+    node is gone (pytest shows them for a failed test).
+    """
     node = TestNode.create(prefix, **kw)
     try:
         yield node
     finally:
+        log = node.log_tail(log_lines) if log_lines else None
         node.destroy()
+        if log is not None:
+            print(log)
 
 
 test_node.__test__ = False  # type: ignore[attr-defined]
