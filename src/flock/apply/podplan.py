@@ -272,13 +272,21 @@ def pod_requests(
                 f"add {cidr(ip)} on pod {ifn}",
             )
         )
-    if spec.v6 is not None:
+    # Per family: the gateway's neighbour entry (the host veth's MAC), then the default route.
+    # IPv4's gateway is link-local on no subnet of the pod's, hence onlink.
+    families = (
+        (spec.v6, GATEWAY_V6, socket.AF_INET6, False),
+        (spec.v4, GATEWAY_V4, socket.AF_INET, True),
+    )
+    for primary, gw, family, onlink in families:
+        if primary is None:
+            continue
         reqs += [
             Request(
                 rtnl.RTM_NEWNEIGH,
                 rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE,
-                rtnl.neighbour(index=pod_index, ip=GATEWAY_V6, mac=host_mac),
-                f"add neighbour {GATEWAY_V6} lladdr {host_mac} on pod {ifn}",
+                rtnl.neighbour(index=pod_index, ip=gw, mac=host_mac),
+                f"add neighbour {gw} lladdr {host_mac} on pod {ifn}",
             ),
             Request(
                 rtnl.RTM_NEWROUTE,
@@ -286,35 +294,13 @@ def pod_requests(
                 rtnl.pod_route(
                     dst=None,
                     dst_len=0,
-                    family=socket.AF_INET6,
+                    family=family,
                     oif=pod_index,
-                    gateway=GATEWAY_V6,
+                    gateway=gw,
+                    onlink=onlink,
                     proto=rtnl.RTPROT_STATIC,
                 ),
-                f"add default route via {GATEWAY_V6} dev {ifn} in pod",
-            ),
-        ]
-    if spec.v4 is not None:
-        reqs += [
-            Request(
-                rtnl.RTM_NEWNEIGH,
-                rtnl.NLM_F_CREATE | rtnl.NLM_F_REPLACE,
-                rtnl.neighbour(index=pod_index, ip=GATEWAY_V4, mac=host_mac),
-                f"add neighbour {GATEWAY_V4} lladdr {host_mac} on pod {ifn}",
-            ),
-            Request(
-                rtnl.RTM_NEWROUTE,
-                rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
-                rtnl.pod_route(
-                    dst=None,
-                    dst_len=0,
-                    family=socket.AF_INET,
-                    oif=pod_index,
-                    gateway=GATEWAY_V4,
-                    onlink=True,
-                    proto=rtnl.RTPROT_STATIC,
-                ),
-                f"add default route via {GATEWAY_V4} dev {ifn} onlink in pod",
+                f"add default route via {gw} dev {ifn}{' onlink' if onlink else ''} in pod",
             ),
         ]
     if spec.anycast:
