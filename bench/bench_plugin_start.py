@@ -25,7 +25,6 @@ the machine. Usage: bench/bench_plugin_start.py [-n 200] [--pyinstaller /path/to
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import resource
@@ -34,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,24 +58,8 @@ RESULT = {
 }
 
 
-def start_agent(path: Path) -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
-    async def handler(req: CniRequest) -> dict[str, Any]:
-        return RESULT
-
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(rpc.serve(path, handler))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(rpc.close_and_unlink(server, path))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    ready.wait(10)
-    return loop, t
+async def handler(req: CniRequest) -> dict[str, Any]:
+    return RESULT
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -131,7 +113,6 @@ def main() -> int:
             ways["pyinstaller-onedir"] = [str(work / "dist/flock/flock")]
 
         sock = tmp / "agent.sock"
-        loop, thread = start_agent(sock)
         conf = {"cniVersion": "1.1.0", "name": "flock", "type": "flock", "agentSocket": str(sock)}
         verbs = {
             "VERSION": ({"CNI_COMMAND": "VERSION"}, b'{"cniVersion": "1.1.0"}'),
@@ -149,7 +130,7 @@ def main() -> int:
         }
         times: dict[tuple[str, str], list[float]] = {(w, v): [] for w in ways for v in verbs}
         cpu: dict[tuple[str, str], list[float]] = {(w, v): [] for w in ways for v in verbs}
-        try:
+        with rpc.serving_in_thread(sock, handler):
             for _ in range(args.n):
                 for verb, (env, stdin) in verbs.items():
                     for way, argv in ways.items():
@@ -163,9 +144,6 @@ def main() -> int:
                         times[(way, verb)].append(dt)
                         used = r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
                         cpu[(way, verb)].append(used * 1000)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(10)
 
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"plugin exec -> exit, ms, n={args.n} each; {os.cpu_count()} CPUs, load avg {load}")

@@ -10,12 +10,10 @@ must still answer VERSION and forward an ADD to a real agent RPC server
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,25 +56,8 @@ def agent_socket() -> Iterator[tuple[Path, list[CniRequest]]]:
             "ips": [{"address": "2001:db8::7/128", "gateway": "fe80::1", "interface": 0}],
         }
 
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(rpc.serve(path, handler))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(rpc.close_and_unlink(server, path))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
+    with rpc.serving_in_thread(path, handler):
         yield path, seen
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        loop.close()
 
 
 def _system_lib_dir() -> str:

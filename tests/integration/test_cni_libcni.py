@@ -13,12 +13,10 @@ filled module cache); skipped with the reason otherwise. No root needed.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,25 +93,8 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
             raise a.status_error
         return RESULT if req.command == "ADD" else {}
 
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(rpc.serve(a.path, handler))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(rpc.close_and_unlink(server, a.path))
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
+    with rpc.serving_in_thread(a.path, handler):
         yield a
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        loop.close()
 
 
 @dataclass

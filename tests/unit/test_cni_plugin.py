@@ -307,8 +307,6 @@ def test_add_result_in_0_x_shape_has_ip_versions(agent: FakeAgent, version: str)
 
 def test_add_of_a_dual_stack_pod_against_the_real_rpc_server(tmp: Path) -> None:
     """The plugin against flock.agent.rpc.serve (not the fake): the contract both sides share."""
-    import asyncio
-
     from flock.agent import rpc
     from flock.model.cni import CniRequest
 
@@ -318,30 +316,13 @@ def test_add_of_a_dual_stack_pod_against_the_real_rpc_server(tmp: Path) -> None:
         seen.append(req)
         return RESULT_110
 
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
     path = tmp / "rpc.sock"
-
-    def serve_forever() -> None:
-        asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(rpc.serve(path, handler))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(rpc.close_and_unlink(server, path))
-
-    t = threading.Thread(target=serve_forever, daemon=True)
-    t.start()
-    try:
-        assert ready.wait(10)
+    with rpc.serving_in_thread(path, handler):
         r = run_plugin(SOURCE, attach_env("ADD"), conf(path, "0.4.0"))
         assert r.rc == 0, r
         assert r.out is not None and r.out["ips"][0]["version"] == "6"
         assert seen[0].key.container_id == "c0ffee1234"
         assert (seen[0].pod_namespace, seen[0].pod_name) == ("default", "web-0")
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
-        loop.close()
     assert not path.exists()
 
 

@@ -28,8 +28,9 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +196,36 @@ async def serve(
     server = await asyncio.start_unix_server(on_connection, sock=sock, limit=65536)
     log.info("RPC server listening", extra={"socket": str(path)})
     return server
+
+
+@contextlib.contextmanager
+def serving_in_thread(path: Path, handler: Handler, *, timeout: float = 10.0) -> Iterator[None]:
+    """`serve(path, handler)` on its own event loop in a background thread, for one block.
+
+    For tests, benchmarks and tools that drive the plugin synchronously. Raises
+    TimeoutError if the server is not serving within `timeout`; the socket file is
+    removed (`close_and_unlink`) when the block ends.
+    """
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        server = loop.run_until_complete(serve(path, handler))
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(close_and_unlink(server, path))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        if not ready.wait(timeout):
+            raise TimeoutError(f"RPC server at {path} not serving within {timeout:g}s")
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(timeout)
+        loop.close()
 
 
 async def close_and_unlink(server: asyncio.Server, path: Path) -> None:
