@@ -91,30 +91,16 @@ def write_sysctl(netns: str | None, key: str, value: str) -> None:
     /proc/sys/net resolves against the network namespace of the opening thread,
     so a helper thread that `setns`es keeps the caller's thread untouched.
     """
-    path = "/proc/sys/" + key.replace(".", "/")
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            if netns is not None:
-                fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(fd)
-                finally:
-                    os.close(fd)
-            with open(path, "w") as fh:
-                fh.write(value)
-        except BaseException as exc:
-            failure.append(exc)
-
-    worker = threading.Thread(target=work, name="flock-sysctl")
-    worker.start()
-    worker.join()
-    if failure:
-        raise OSError(f"cannot set {key}={value} in {netns or 'own namespace'}: {failure[0]}")
+    _sysctl(netns, key, value, f"set {key}={value}")
 
 
 def read_sysctl(netns: str | None, key: str) -> str:
+    """Read a /proc/sys/net key as seen from `netns` (see `write_sysctl`)."""
+    return _sysctl(netns, key, None, f"read {key}")
+
+
+def _sysctl(netns: str | None, key: str, value: str | None, what: str) -> str:
+    """Read (`value` None) or write `key` from a helper thread in `netns`; the value read."""
     path = "/proc/sys/" + key.replace(".", "/")
     out: list[str] = []
     failure: list[BaseException] = []
@@ -127,8 +113,13 @@ def read_sysctl(netns: str | None, key: str) -> str:
                     _setns(fd)
                 finally:
                     os.close(fd)
-            with open(path) as fh:
-                out.append(fh.read().strip())
+            if value is None:
+                with open(path) as fh:
+                    out.append(fh.read().strip())
+            else:
+                with open(path, "w") as fh:
+                    fh.write(value)
+                out.append(value)
         except BaseException as exc:
             failure.append(exc)
 
@@ -136,7 +127,7 @@ def read_sysctl(netns: str | None, key: str) -> str:
     worker.start()
     worker.join()
     if failure:
-        raise OSError(f"cannot read {key} in {netns or 'own namespace'}: {failure[0]}")
+        raise OSError(f"cannot {what} in {netns or 'own namespace'}: {failure[0]}")
     return out[0]
 
 
