@@ -41,14 +41,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from flock.agent.datastore.base import PodKey, Snapshot
+from flock.model import IPAddress as IPAddress
+from flock.model import IPNetwork as IPNetwork
 from flock.model.allocation import Allocation, AttachmentKey
 from flock.model.nodeconfig import NodeConfig
 from flock.model.pod import Pod
 
 log = logging.getLogger(__name__)
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from flock.apply import rtnl
 from flock.apply.rtnl import Request
+from flock.model import IPAddress as IPAddress
 
 if TYPE_CHECKING:
     from flock.model.allocation import Allocation
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Our route protocol number (iproute2 rt_protos leaves 70 unassigned; 'F' for flock).
 # Every host route flock installs carries it; reconcile/GC only ever touch these.

@@ -45,7 +45,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from flock.model import IPAddress
 
 # Message types (linux/rtnetlink.h).
 RTM_NEWLINK = 16

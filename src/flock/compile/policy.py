@@ -43,6 +43,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from flock.model import IPAddress
 from flock.model.pod import Namespace, Pod
 from flock.model.policy import (
     IPBlock,
@@ -61,7 +62,6 @@ FAMILY = "inet"
 INGRESS_MAP = "ingress"
 EGRESS_MAP = "egress"
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _FAM_KW = {4: "ip", 6: "ip6"}
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 _PROTO_KW: dict[Proto, str] = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}

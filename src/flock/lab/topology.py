@@ -26,11 +26,10 @@ from pydantic.alias_generators import to_camel
 
 from flock import ANNOTATION_PREFIX
 from flock.compile.annotations import AnnotationError, parse_annotations
+from flock.model import IPAddress, IPNetwork
 from flock.model.nodeconfig import AllowedAddresses, NodeConfig, NodeConfigError
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 DEFAULT_LAB_NAME = "lab"
 # Lab names become part of namespace names (`fl-<lab>-<node>`); no dashes, so that

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from flock.model import IPAddress as IPAddress
 
 
 @dataclass(frozen=True, slots=True, order=True)

@@ -26,9 +26,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from flock import CRD_GROUP, CRD_VERSION
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from flock.model import IPAddress as IPAddress
+from flock.model import IPNetwork as IPNetwork
 
 KIND = "NodeConfig"
 API_VERSION = f"{CRD_GROUP}/{CRD_VERSION}"

@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flock.model import IPNetwork
 from flock.model.pod import Namespace, Pod
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Proto = Literal["TCP", "UDP", "SCTP"]
 PolicyType = Literal["Ingress", "Egress"]
 Operator = Literal["In", "NotIn", "Exists", "DoesNotExist"]

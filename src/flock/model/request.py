@@ -7,12 +7,12 @@ annotation text can reach a BIRD or nftables config unparsed.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from flock.model import IPAddress as IPAddress
+from flock.model import IPNetwork as IPNetwork
+
 EmbedField = Literal["namespace", "pod", "image"]
 
 
