@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,38 +58,35 @@ class _Model(BaseModel):
     )
 
 
-def _interfaces(v: Any) -> Any:
-    """Accept a single string or a list; parse `address/prefix` strictly."""
+def _each_str(v: Any, parse: Callable[[str], Any]) -> Any:
+    """Accept a single string or a list; `parse` each string item, keep the others as given."""
     if isinstance(v, str):
         v = [v]
     if isinstance(v, list | tuple):
-        out = []
-        for item in v:
-            if isinstance(item, str):
-                if "/" not in item:
-                    raise ValueError(f"{item!r} needs a prefix length (e.g. fd00::1/64)")
-                out.append(ipaddress.ip_interface(item.strip()))
-            else:
-                out.append(item)
-        return tuple(out)
+        return tuple(parse(item) if isinstance(item, str) else item for item in v)
     return v
+
+
+def _interface(item: str) -> IPInterface:
+    """`address/prefix`, strictly."""
+    if "/" not in item:
+        raise ValueError(f"{item!r} needs a prefix length (e.g. fd00::1/64)")
+    return ipaddress.ip_interface(item.strip())
+
+
+def _network(item: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(item.strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"{item!r} is not a network with a prefix length ({e})") from e
+
+
+def _interfaces(v: Any) -> Any:
+    return _each_str(v, _interface)
 
 
 def _networks(v: Any) -> Any:
-    if isinstance(v, str):
-        v = [v]
-    if isinstance(v, list | tuple):
-        out = []
-        for item in v:
-            if isinstance(item, str):
-                try:
-                    out.append(ipaddress.ip_network(item.strip(), strict=True))
-                except ValueError as e:
-                    raise ValueError(f"{item!r} is not a network with a prefix length ({e})") from e
-            else:
-                out.append(item)
-        return tuple(out)
-    return v
+    return _each_str(v, _network)
 
 
 class Router(_Model):
