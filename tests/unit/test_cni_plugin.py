@@ -713,29 +713,6 @@ def test_version_does_not_hang_on_an_open_empty_stdin(argv: list[str]) -> None:
             p.wait()
 
 
-# --- The fuzz target's corpus, as regression tests ------------------------------------------
-
-FUZZ = REPO / "tests" / "fuzz"
-
-
-def _fuzz_target() -> Callable[[bytes], None]:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fuzz_cni_plugin", FUZZ / "fuzz_cni_plugin.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    fn: Callable[[bytes], None] = mod.one_input
-    return fn
-
-
-@pytest.mark.parametrize(
-    "path", sorted((FUZZ / "corpus" / "cni_plugin").iterdir()), ids=lambda p: p.name
-)
-def test_fuzz_corpus_input(path: Path) -> None:
-    _fuzz_target()(path.read_bytes())
-
-
 def test_full_listen_backlog_is_retried_not_failed(tmp: Path) -> None:
     """A burst of CNI calls can fill the agent's listen backlog: connect() then fails
     with EAGAIN at once. That means busy, not gone: the plugin must retry."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 FUZZ = Path(__file__).resolve().parents[1] / "fuzz"
-TARGETS = ("annotations", "embed", "ipam")
+TARGETS = ("annotations", "cni_plugin", "embed", "ipam")
 
 
 def _target(name: str) -> Callable[[bytes], None]:
