@@ -27,7 +27,13 @@ from pydantic.alias_generators import to_camel
 from flock import ANNOTATION_PREFIX
 from flock.compile.annotations import AnnotationError, parse_annotations
 from flock.model import IPAddress, IPNetwork
-from flock.model.nodeconfig import AllowedAddresses, NodeConfig, NodeConfigError
+from flock.model.nodeconfig import (
+    API_VERSION,
+    KIND,
+    AllowedAddresses,
+    NodeConfig,
+    NodeConfigError,
+)
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -192,8 +198,8 @@ class Topology(_Model):
                 a.model_dump(mode="json", by_alias=True) for a in n.allowed_addresses
             ]
         return {
-            "apiVersion": "flock.fritzlab.net/v1alpha1",
-            "kind": "NodeConfig",
+            "apiVersion": API_VERSION,
+            "kind": KIND,
             "metadata": {"name": n.name},
             "spec": spec,
         }

@@ -49,7 +49,6 @@ from typing import Any
 
 import yaml
 
-from flock import CRD_GROUP, CRD_VERSION
 from flock.agent.datastore.base import (
     Event,
     EventType,
@@ -59,7 +58,7 @@ from flock.agent.datastore.base import (
     PodKey,
     Snapshot,
 )
-from flock.model.nodeconfig import NodeConfig, NodeConfigError
+from flock.model.nodeconfig import API_VERSION, NodeConfig, NodeConfigError
 from flock.model.pod import Namespace, Pod
 
 log = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def parse_object(obj: Any, *, node_name: str) -> tuple[ObjKey, Any] | None:
     name: str = meta["name"]
     ns = str(meta.get("namespace") or "default")
     try:
-        if kind == "NodeConfig" and api == f"{CRD_GROUP}/{CRD_VERSION}":
+        if kind == "NodeConfig" and api == API_VERSION:
             if name != node_name:
                 return None  # another node's; not ours to validate
             return (Kind.NODE_CONFIG, "", name), NodeConfig.from_object(obj)
@@ -439,10 +438,7 @@ class FilesDatastore:
     def _node_config_error(self) -> str:
         for path, reason in self._nc_errors.items():
             return f"NodeConfig {self._node_name!r} in {path} is invalid: {reason}"
-        return (
-            f"no NodeConfig named {self._node_name!r} (apiVersion {CRD_GROUP}/{CRD_VERSION}) "
-            f"in {self._dir}"
-        )
+        return f"no NodeConfig named {self._node_name!r} (apiVersion {API_VERSION}) in {self._dir}"
 
     def _full_rescan(self) -> None:
         try:
