@@ -40,7 +40,7 @@ from flock.agent.datastore.files import FilesDatastore
 from flock.agent.metrics import AgentMetrics, Health, MetricsServer
 from flock.agent.reconcile import AllocationIndex, IPAddress, IPNetwork, Nexthop, Reconciler
 from flock.agent.service import CniService, Datapath
-from flock.agent.status import serve_status
+from flock.agent.status import DEFAULT_RUN_DIR, STATUS_SOCKET, serve_status
 from flock.apply.datapath import Datapath as KernelDatapath
 from flock.apply.datapath import PodNetSpec
 from flock.apply.store import AllocationStore
@@ -50,7 +50,6 @@ from flock.model.nodeconfig import NodeConfig, Peer
 
 log = logging.getLogger("flock.agent")
 
-STATUS_SOCKET = "status.sock"
 AGENT_SOCKET = "agent.sock"
 
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -489,7 +488,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
     p = argparse.ArgumentParser(prog="flock agent", description="run the flock node agent")
     p.add_argument("--node-name", required=True)
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/flock"))
-    p.add_argument("--run-dir", type=Path, default=Path("/run/flock"))
+    p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     p.add_argument("--manifests", type=Path, required=True, help="standalone manifests directory")
     p.add_argument("--socket", type=Path, help="plugin RPC socket (default RUN_DIR/agent.sock)")
     p.add_argument("--bird-socket", type=Path, help="BIRD control socket; omit to run without BGP")

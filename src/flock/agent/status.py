@@ -25,6 +25,7 @@ from flock.agent.rpc import bind_private, call
 log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = Path("/run/flock")
+STATUS_SOCKET = "status.sock"  # in the run dir, beside the plugin's agent.sock
 
 
 async def serve_status(
@@ -142,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--socket", type=Path, help="status socket (default RUN_DIR/status.sock)")
     p.add_argument("--json", action="store_true", help="print the raw JSON")
     a = p.parse_args(list(argv))
-    path = a.socket or a.run_dir / "status.sock"
+    path = a.socket or a.run_dir / STATUS_SOCKET
     try:
         st = query(path)
     except (OSError, ValueError) as e:
