@@ -42,7 +42,7 @@ from flock.agent import rpc
 from flock.testbed import netns
 from flock.testbed.node import Pod, TestNode, pod_manifest
 
-PREFIX = "fab"
+PREFIX = os.environ.get("FLOCK_BENCH_PREFIX", "fab")  # namespace/temp-dir name prefix
 REF_BIN = Path("/usr/lib/cni")
 
 

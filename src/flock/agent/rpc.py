@@ -45,6 +45,11 @@ READ_TIMEOUT = 30.0
 DEFERRED_DEL_DIRNAME = "deferred-del"  # must match flock.cni.plugin
 
 
+# allow_nan=False: NaN is not JSON; better a 999 naming it than a reply no runtime parses.
+# One encoder for every reply (json.dumps would build one per call for this option).
+_encode_reply = json.JSONEncoder(allow_nan=False).encode
+
+
 class SocketInUse(RuntimeError):
     """Another live process is serving the socket path."""
 
@@ -132,8 +137,7 @@ async def _answer(raw: bytes, handler: Handler) -> tuple[bytes, str, str]:
         result = await handler(req)
         if not isinstance(result, dict):
             raise TypeError(f"handler returned {type(result).__name__}, not a dict")
-        # allow_nan=False: NaN is not JSON; better a 999 naming it than a reply no runtime parses.
-        return json.dumps({"result": result}, allow_nan=False).encode(), command, "ok"
+        return _encode_reply({"result": result}).encode(), command, "ok"
     except CniError as e:
         return json.dumps({"error": e.to_wire()}).encode(), command, f"error {e.code}"
     except Exception as e:
@@ -182,16 +186,17 @@ async def serve(
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            log.debug(
-                "CNI %s %s",
-                command,
-                outcome,
-                extra={
-                    "verb": command,
-                    "outcome": outcome,
-                    "ms": round((time.perf_counter() - start) * 1000, 3),
-                },
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "CNI %s %s",
+                    command,
+                    outcome,
+                    extra={
+                        "verb": command,
+                        "outcome": outcome,
+                        "ms": round((time.perf_counter() - start) * 1000, 3),
+                    },
+                )
 
     server = await asyncio.start_unix_server(on_connection, sock=sock, limit=65536)
     log.info("RPC server listening", extra={"socket": str(path)})

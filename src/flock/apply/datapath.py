@@ -206,7 +206,12 @@ class Datapath:
     # setup ---------------------------------------------------------------------
 
     def setup_pod(self, spec: PodNetSpec) -> PodNetResult:
-        """Create and configure the attachment; on any failure nothing of it is left."""
+        """Create and configure the attachment; on any failure nothing of it is left.
+
+        Idempotent: for an attachment whose veth pair exists and is intact, only
+        the missing pieces are put back (`_repair`); the pod's interfaces keep
+        their ifindex and its traffic is not interrupted.
+        """
         if self._manage_forwarding:
             self.ensure_forwarding()
         host = self._host()
@@ -214,7 +219,15 @@ class Datapath:
         with self._lock:
             self._inflight += 1
         try:
-            self._create_veth(host, spec, host_mac=host_mac, pod_mac=pod_mac)
+            if not self._create_veth(host, spec, host_mac=host_mac, pod_mac=pod_mac):
+                # This attachment's veth pair already exists: a repeated ADD or the
+                # start-up re-sync. Repair in place what is missing, so a running pod
+                # keeps its interface (and its connections); rebuild only when the
+                # pair itself is not intact.
+                repaired = self._repair(host, spec, host_mac=host_mac, pod_mac=pod_mac)
+                if repaired is not None:
+                    return repaired
+                self._recreate_veth(host, spec, host_mac=host_mac, pod_mac=pod_mac)
             try:
                 return self._configure(host, spec, host_mac=host_mac, pod_mac=pod_mac)
             except BaseException:
@@ -227,49 +240,122 @@ class Datapath:
             with self._lock:
                 self._inflight -= 1
 
-    def _create_veth(
-        self, host: RtnlSocket, spec: PodNetSpec, *, host_mac: str, pod_mac: str
-    ) -> None:
+    def _veth_request(
+        self, spec: PodNetSpec, netns_fd: int, *, host_mac: str, pod_mac: str
+    ) -> Request:
+        return Request(
+            rtnl.RTM_NEWLINK,
+            rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
+            rtnl.veth_new(
+                name=spec.host_ifname,
+                mac=host_mac,
+                peer_name=spec.ifname,
+                peer_mac=pod_mac,
+                peer_netns_fd=netns_fd,
+                mtu=spec.mtu,
+            ),
+            f"create veth {spec.host_ifname} <-> {spec.ifname} in {spec.netns}",
+        )
+
+    def _open_netns(self, spec: PodNetSpec) -> int:
         try:
-            netns_fd = os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(spec.netns, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise DatapathError(f"cannot open pod netns {spec.netns}: {exc.strerror}") from exc
+
+    def _create_veth(
+        self, host: RtnlSocket, spec: PodNetSpec, *, host_mac: str, pod_mac: str
+    ) -> bool:
+        """Create the pair; False (nothing done) when a link of that name exists already."""
+        netns_fd = self._open_netns(spec)
         try:
-            create = Request(
-                rtnl.RTM_NEWLINK,
-                rtnl.NLM_F_CREATE | rtnl.NLM_F_EXCL,
-                rtnl.veth_new(
-                    name=spec.host_ifname,
-                    mac=host_mac,
-                    peer_name=spec.ifname,
-                    peer_mac=pod_mac,
-                    peer_netns_fd=netns_fd,
-                    mtu=spec.mtu,
-                ),
-                f"create veth {spec.host_ifname} <-> {spec.ifname} in {spec.netns}",
-            )
-            try:
-                host.call(create)
-                return
-            except NetlinkError as exc:
-                if exc.errno != errno.EEXIST:
-                    raise DatapathError(str(exc)) from exc
-            # A leftover of this same attachment (the host name derives from its
-            # container id), or a retired veth whose pod end still holds the name in
-            # the pod: remove them now, then try once more.
-            self._delete_link(host, spec.host_ifname)
-            self.list_host_veths()  # queues retired veths, also those of an earlier agent
-            self.reap()
-            try:
-                host.call(create)
-            except NetlinkError as exc:
-                if exc.errno == errno.EEXIST:
-                    raise DatapathError(
-                        f"{spec.ifname} already exists in {spec.netns} and flock did not create it"
-                    ) from exc
+            host.call(self._veth_request(spec, netns_fd, host_mac=host_mac, pod_mac=pod_mac))
+            return True
+        except NetlinkError as exc:
+            if exc.errno != errno.EEXIST:
                 raise DatapathError(str(exc)) from exc
+            return False
         finally:
             os.close(netns_fd)
+
+    def _recreate_veth(
+        self, host: RtnlSocket, spec: PodNetSpec, *, host_mac: str, pod_mac: str
+    ) -> None:
+        """Remove what holds the pair's names, then create it once more.
+
+        A leftover of this same attachment (the host name derives from its
+        container id) that is not intact, or a retired veth whose pod end still
+        holds the name in the pod.
+        """
+        self._delete_link(host, spec.host_ifname)
+        self.list_host_veths()  # queues retired veths, also those of an earlier agent
+        self.reap()
+        netns_fd = self._open_netns(spec)
+        try:
+            host.call(self._veth_request(spec, netns_fd, host_mac=host_mac, pod_mac=pod_mac))
+        except NetlinkError as exc:
+            if exc.errno == errno.EEXIST:
+                raise DatapathError(
+                    f"{spec.ifname} already exists in {spec.netns} and flock did not create it"
+                ) from exc
+            raise DatapathError(str(exc)) from exc
+        finally:
+            os.close(netns_fd)
+
+    def _repair(
+        self, host: RtnlSocket, spec: PodNetSpec, *, host_mac: str, pod_mac: str
+    ) -> PodNetResult | None:
+        """Put back what is missing of an existing attachment, touching nothing that is there.
+
+        Only when the pair is intact: the host end is our live (not retired) veth
+        with the attachment's MAC, and the pod end is in the pod's namespace under
+        its name with the attachment's MAC (both MACs derive from the container id,
+        so they identify this pair). The pod's and the host's requests are sent
+        again: creations that find their object in place fail with EEXIST and
+        change nothing (addresses and routes are created exclusively), links are
+        set up only if they are not, neighbour entries are rewritten with the same
+        address. Returns None (the caller rebuilds) when the pair is not intact
+        or a piece cannot be put back.
+        """
+        hlink = host.get_link(spec.host_ifname)
+        if (
+            hlink is None
+            or hlink.kind != "veth"
+            or is_retired(hlink.group)
+            or hlink.mac.lower() != host_mac.lower()
+        ):
+            return None
+        try:
+            with RtnlSocket(spec.netns) as pod:
+                plink = pod.get_link(spec.ifname)
+                if plink is None or plink.kind != "veth" or plink.mac.lower() != pod_mac.lower():
+                    return None
+                errors = pod.batch(pod_requests(spec, pod_index=plink.index, host_mac=host_mac))
+            errors += host.batch(host_requests(spec, host_index=hlink.index, pod_mac=pod_mac))
+        except (OSError, NetlinkError) as exc:
+            log.info("repair of %s failed, rebuilding it: %s", spec.host_ifname, exc)
+            return None
+        errors = [e for e in errors if e.errno != errno.EEXIST]
+        if errors:
+            log.info(
+                "repair of %s failed, rebuilding it: %s",
+                spec.host_ifname,
+                "; ".join(str(e) for e in errors),
+            )
+            return None
+        with self._lock:
+            self._ifindex[spec.host_ifname] = hlink.index
+        return PodNetResult(
+            host_ifname=spec.host_ifname,
+            host_mac=host_mac,
+            host_index=hlink.index,
+            pod_ifname=spec.ifname,
+            pod_mac=pod_mac,
+            pod_index=plink.index,
+            sandbox=spec.netns,
+            mtu=hlink.mtu,
+            addresses=spec.addresses,
+        )
 
     def _configure(
         self, host: RtnlSocket, spec: PodNetSpec, *, host_mac: str, pod_mac: str
