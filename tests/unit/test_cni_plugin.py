@@ -682,6 +682,66 @@ def test_json_codec_round_trips_like_the_json_module() -> None:
         plugin.json_dumps({"x": {1, 2}})
 
 
+_JSON_LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+_JSON_VALUE = st.recursive(
+    _JSON_LEAF, lambda c: st.lists(c) | st.dictionaries(st.text(), c), max_leaves=20
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(value=_JSON_VALUE)
+def test_json_codec_writes_and_reads_what_the_json_module_does(value: object) -> None:
+    # The plain-JSON fast path and the _json fallback together: byte for byte json.dumps,
+    # and whatever json.dumps writes (compact or indented, escaped or not) reads back.
+    assert plugin.json_dumps(value) == json.dumps(value, separators=(",", ":"))
+    for text in (json.dumps(value), json.dumps(value, indent=1, ensure_ascii=False)):
+        assert plugin.json_loads(text.encode()) == value
+
+
+@settings(max_examples=1500, deadline=None)
+@given(text=st.text(alphabet='{}[]",:0123456789-.eEtrufalsnNI \\\t\nxé\x01', max_size=30))
+def test_json_loads_accepts_and_rejects_exactly_what_json_does(text: str) -> None:
+    try:
+        expected: tuple[object, ...] = ("ok", json.loads(text, parse_constant=_no_constant))
+    except (ValueError, RecursionError):
+        expected = ("error",)
+    try:
+        got: tuple[object, ...] = ("ok", plugin.json_loads(text.encode()))
+    except ValueError:
+        got = ("error",)
+    assert got == expected
+    if got[0] == "ok":
+        assert type(got[1]) is type(expected[1])
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(name)
+
+
+def test_plugin_start_does_not_load_json_modules() -> None:
+    # A config and a result as a runtime and the agent write them go through the
+    # plain-JSON path: neither _json nor json is imported on an ADD's way.
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import plugin as p; "
+        'c = p.json_loads(b\'{"cniVersion": "1.0.0", "name": "flock", "agentTimeout": 60}\'); '
+        "p.json_dumps({'config': c, 'args': {'K8S_POD_NAME': 'p'}, 'n': [1, True, None]}); "
+        "print(sorted(m for m in sys.modules if 'json' in m))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(Path(plugin.__file__).parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.strip() == "[]"
+
+
 def test_convert_result_keeps_1_1_0_fields_only_at_1_1_0() -> None:
     assert plugin.convert_result(RESULT_110, "1.1.0") == {"cniVersion": "1.1.0", **RESULT_110}
     assert "mtu" not in plugin.convert_result(RESULT_110, "1.0.0")["interfaces"][0]  # type: ignore[index]
