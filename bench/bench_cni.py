@@ -23,9 +23,11 @@ Run as root:  .venv/bin/python bench/bench_cni.py [--pods 200] [--ref-pods 200]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -231,8 +233,18 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
         seq_rate = churn_rate(cycle, [churn_pods[0].netns_name], churn, 1)
         conc_rate = churn_rate(cycle, [p.netns_name for p in churn_pods], churn16, 16)
 
-        # Where the time goes: plugin start-up alone, and the agent alone.
+        # Where the time goes: the interpreter alone, plugin start-up alone, the
+        # plugin's whole ADD against an agent that answers at once, and the agent alone.
+        floor = interpreter_floor(node.plugin, 30)
         version = [node.cni("VERSION", ifname="").seconds for _ in range(30)]
+        instant = plugin_vs_instant_agent(node, bench_pods[0], 30)
+        rpc_floor = []
+        status = {"command": "STATUS", "config": node.network_config()}
+        for _ in range(30):
+            t0 = time.perf_counter()
+            rpc.call(node.socket, status)
+            rpc_floor.append(time.perf_counter() - t0)
+            time.sleep(0.005)  # as between pods: the agent is idle when a request comes
         agent_add, agent_del = [], []
         msgs = [
             {
@@ -260,7 +272,10 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
             "del": dels,
             "churn_seq": seq_rate,
             "churn_16": conc_rate,
+            "interpreter": floor,
             "plugin_startup": version,
+            "plugin_instant": instant,
+            "rpc_floor": rpc_floor,
             "agent_add": agent_add,
             "agent_del": agent_del,
         }
@@ -268,7 +283,82 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
         node.destroy()
 
 
+def interpreter_floor(plugin: Path | None, n: int) -> list[float]:
+    """Exec of the interpreter the installed plugin runs under, with its flags, doing nothing."""
+    assert plugin is not None
+    line = plugin.read_text().split("\n", 1)[0]
+    argv = line[2:].split() if line.startswith("#!") else [sys.executable, "-I", "-S"]
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([*argv, "-c", "pass"], check=True)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def plugin_vs_instant_agent(node: TestNode, pod: Pod, n: int) -> list[float]:
+    """The plugin's ADD, exec to result, against a socket that answers a canned result at
+    once: the plugin's own share (interpreter, imports, config, connect, output)."""
+    sock_path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}fake-")) / "agent.sock"
+    reply = json.dumps(
+        {
+            "result": {
+                "cniVersion": "1.1.0",
+                "interfaces": [
+                    {"name": "flk0123456789a", "mac": "ee:00:00:00:00:01", "mtu": 1500},
+                    {"name": "eth0", "mac": "0a:00:00:00:00:01", "sandbox": pod.netns_path},
+                ],
+                "ips": [
+                    {"interface": 1, "address": "2001:db8::1/128", "gateway": "fe80::1"},
+                    {"interface": 1, "address": "10.0.0.1/32", "gateway": "169.254.1.1"},
+                ],
+                "routes": [{"dst": "::/0", "gw": "fe80::1"}, {"dst": "0.0.0.0/0"}],
+                "dns": {},
+            }
+        }
+    ).encode()
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sock_path))
+    srv.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                while conn.recv(65536):
+                    pass
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    out = []
+    try:
+        cfg = node.network_config(agentSocket=str(sock_path))
+        for _ in range(n):
+            r = node.cni(
+                "ADD",
+                container_id=uuid.uuid4().hex,
+                netns_path=pod.netns_path,
+                pod_namespace=pod.namespace,
+                pod_name=pod.name,
+                config=cfg,
+            )
+            if not r.ok:
+                raise RuntimeError(f"plugin ADD against the instant agent failed: {r.stdout}")
+            out.append(r.seconds)
+    finally:
+        srv.close()
+        shutil.rmtree(sock_path.parent, ignore_errors=True)
+    return out
+
+
 # ---- readiness flip -> anycast route withdrawn --------------------------------------------
+
+
+def seen(events: list[tuple[float, str]], start: int, want: str) -> bool:
+    return any(want in ln for _, ln in events[start:])
 
 
 def run_readiness(flips: int) -> dict[str, list[float]]:
@@ -303,7 +393,8 @@ def run_readiness(flips: int) -> dict[str, list[float]]:
 
         threading.Thread(target=reader, daemon=True).start()
         time.sleep(0.3)
-        withdraw, restore = [], []
+        withdraw: list[float] = []
+        restore: list[float] = []
         for i in range(flips * 2):
             ready = i % 2 == 1
             # Prepare the new manifest first; the clock starts at the rename that
@@ -324,7 +415,7 @@ def run_readiness(flips: int) -> dict[str, list[float]]:
             os.replace(tmp, path)
             want = "2001:db8:a::53" if ready else "Deleted 2001:db8:a::53"
             with cv:
-                ok = cv.wait_for(lambda n=n, w=want: any(w in ln for _, ln in events[n:]), 5)
+                ok = cv.wait_for(functools.partial(seen, events, n, want), 5)
                 if not ok:
                     raise RuntimeError("route change not seen within 5 s")
                 t1 = next(t for t, ln in events[n:] if want in ln)
@@ -416,7 +507,10 @@ def main() -> int:
     )
     print("where flock's ADD time goes (p50):")
     rows2 = (
+        ("interpreter alone (the plugin's #! line, -c pass)", fl["interpreter"]),
         ("plugin exec + interpreter start-up (VERSION, no agent)", fl["plugin_startup"]),
+        ("plugin ADD against an agent that answers at once", fl["plugin_instant"]),
+        ("agent alone: RPC round trip of a no-op verb (STATUS)", fl["rpc_floor"]),
         ("agent alone: ADD over the socket, fresh pod netns", fl["agent_add"]),
         ("agent alone: DEL over the socket", fl["agent_del"]),
     )
@@ -424,13 +518,13 @@ def main() -> int:
         print(f"  {label:<56}{ms(pct(xs, 50)):>7} ms")
     if a.flips:
         rd = run_readiness(a.flips)
-        w, r = rd["withdraw"], rd["restore"]
+        w, rv = rd["withdraw"], rd["restore"]
         print()
         print(
             f"readiness flip (manifest renamed into place) -> kernel anycast route, {a.flips} each:"
         )
         print(f"  not Ready -> route deleted   p50 {ms(pct(w, 50))} ms  p99 {ms(pct(w, 99))} ms")
-        print(f"  Ready     -> route added     p50 {ms(pct(r, 50))} ms  p99 {ms(pct(r, 99))} ms")
+        print(f"  Ready     -> route added     p50 {ms(pct(rv, 50))} ms  p99 {ms(pct(rv, 99))} ms")
     return 0
 
 
