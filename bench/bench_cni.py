@@ -14,8 +14,13 @@ before the clock starts, as the runtime and API server would have them.
 Figures: ADD and DEL p50/p99 over N sequential pods, ADD mean of the first vs
 the last 50 pods (flatness), sequential ADD rate, sustained churn (ADD+DEL
 pairs per second) sequentially and 16-way concurrent. Then, for flock, where
-the time goes: plugin start-up alone (VERSION, which the plugin answers without
-the agent), and the agent's share (the same ADD/DEL sent straight to the socket).
+the time goes: the interpreter alone (the plugin's #! line running `pass`),
+plugin start-up alone (VERSION, which the plugin answers without the agent),
+the plugin's whole ADD against a process that answers a canned result at once,
+the agent's RPC round trip for a no-op verb, and the agent's share (the same
+ADD/DEL sent straight to the socket).
+
+FLOCK_BENCH_PREFIX sets the prefix of the namespaces and temp dirs (default "fab").
 
 Run as root:  .venv/bin/python bench/bench_cni.py [--pods 200] [--ref-pods 200]
 """
@@ -27,7 +32,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -296,6 +300,24 @@ def interpreter_floor(plugin: Path | None, n: int) -> list[float]:
     return out
 
 
+INSTANT_AGENT = """
+import socket, sys
+path = sys.argv[1]
+reply = open(path.rpartition("/")[0] + "/reply.json", "rb").read()
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path + ".tmp")
+srv.listen(16)
+import os
+os.rename(path + ".tmp", path)
+while True:
+    conn, _ = srv.accept()
+    while conn.recv(65536):
+        pass
+    conn.sendall(reply)
+    conn.close()
+"""
+
+
 def plugin_vs_instant_agent(node: TestNode, pod: Pod, n: int) -> list[float]:
     """The plugin's ADD, exec to result, against a socket that answers a canned result at
     once: the plugin's own share (interpreter, imports, config, connect, output)."""
@@ -317,22 +339,15 @@ def plugin_vs_instant_agent(node: TestNode, pod: Pod, n: int) -> list[float]:
             }
         }
     ).encode()
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(str(sock_path))
-    srv.listen(16)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                while conn.recv(65536):
-                    pass
-                conn.sendall(reply)
-
-    threading.Thread(target=serve, daemon=True).start()
+    # Its own process, so that answering costs no GIL hand-over in this one.
+    (sock_path.parent / "reply.json").write_bytes(reply)
+    server = subprocess.Popen([sys.executable, "-I", "-S", "-c", INSTANT_AGENT, str(sock_path)])
+    deadline = time.monotonic() + 10
+    while not sock_path.exists():
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("the instant agent did not start")
+        time.sleep(0.01)
     out = []
     try:
         cfg = node.network_config(agentSocket=str(sock_path))
@@ -349,7 +364,8 @@ def plugin_vs_instant_agent(node: TestNode, pod: Pod, n: int) -> list[float]:
                 raise RuntimeError(f"plugin ADD against the instant agent failed: {r.stdout}")
             out.append(r.seconds)
     finally:
-        srv.close()
+        server.kill()
+        server.wait()
         shutil.rmtree(sock_path.parent, ignore_errors=True)
     return out
 
