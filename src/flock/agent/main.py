@@ -6,10 +6,11 @@ Start-up order is what makes a restart mid-life lose nothing and leave nothing:
 2. start the datastore and wait for its first full view (nothing is removed
    from the kernel before that, or a half-loaded view would look like pods
    had vanished);
-3. re-sync the kernel from the store: rebuild the network of every stored
+3. re-sync the kernel from the store: repair the network of every stored
    attachment whose pod namespace still exists but whose veth, addresses or
-   host routes are missing; remove veths and host routes of ours that the
-   store does not know;
+   host routes are missing (in place when the veth pair is intact, so the pod
+   keeps its interfaces and traffic; rebuilt only when the pair is gone);
+   remove veths and host routes of ours that the store does not know;
 4. replay the DELs the plugin recorded while the agent was away;
 5. run one full reconcile (anycast routes, BGP exports, policy), then start
    serving the plugin's socket.
@@ -201,12 +202,13 @@ class NftPolicy:
 def resync_kernel(datapath: Datapath, allocations: Sequence[Allocation]) -> dict[str, int]:
     """Make the kernel agree with the store (blocking; run before serving).
 
-    Rebuilds attachments whose pod netns exists but whose network is incomplete;
+    Repairs attachments whose pod netns exists but whose network is incomplete
+    (`setup_pod` fixes an intact veth pair in place and rebuilds only a broken one);
     removes our veths and pod host routes that no allocation accounts for.
     """
     import os
 
-    counts = {"rebuilt": 0, "veths_removed": 0, "routes_removed": 0, "netns_gone": 0}
+    counts = {"repaired": 0, "veths_removed": 0, "routes_removed": 0, "netns_gone": 0}
     for a in allocations:
         if not a.netns or not os.path.exists(a.netns):
             counts["netns_gone"] += 1  # the runtime's DEL or GC will release it
@@ -215,11 +217,11 @@ def resync_kernel(datapath: Datapath, allocations: Sequence[Allocation]) -> dict
         problems = datapath.check_pod(spec)
         if problems:
             log.info(
-                "resync: rebuilding pod network",
+                "resync: repairing pod network",
                 extra={"pod": f"{a.namespace}/{a.pod}", "problems": problems},
             )
             datapath.setup_pod(spec)
-            counts["rebuilt"] += 1
+            counts["repaired"] += 1
     known = {a.host_ifname for a in allocations}
     for veth in datapath.list_host_veths():
         if veth.name not in known:
