@@ -8,7 +8,13 @@ Figures:
   one local pod is added, one policy changes, one pod is deleted;
 * nft via `nft -f -` (fork/exec) vs libnftables in-process;
 * iperf3 TCP throughput between two pod namespaces through a node namespace with
-  a 200-policy ruleset (both pods isolated both ways) vs no table at all;
+  a 200-policy ruleset (both pods isolated both ways) vs no table at all. On a
+  shared 2-CPU machine one 2 s run varies by +-25%, and adjacent runs are not
+  correlated, so the figure comes from many runs: blocks of the three conditions
+  in rotating order, a warm-up run, slow start omitted, and the ratio reported as
+  a median with a bootstrap 95% CI (`--iperf-runs`, `--iperf-affinity`,
+  `--iperf-nice`; pinning to 0,1 or 1,1 and nice -10 were tried and made the spread
+  no smaller here, so the default runs unpinned as before);
 * RSS of this process holding the 10k/1k state and its compiled ruleset.
 
 Run as root: `.venv/bin/python bench/bench_policy.py` (namespaces prefixed `fnb`,
