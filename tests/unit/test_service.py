@@ -21,7 +21,7 @@ from flock.agent.datastore.base import Snapshot
 from flock.agent.datastore.files import FilesDatastore
 from flock.agent.reconcile import AllocationIndex, Reconciler
 from flock.agent.service import ERR_ANNOTATION, ERR_DATAPATH, CniService
-from flock.apply.datapath import HostVeth, PodNetResult, PodNetSpec
+from flock.apply.datapath import HostVeth, PodNetResult, PodNetSpec, PodRoute
 from flock.apply.store import AllocationStore
 from flock.compile.ipam import Ipam
 from flock.model.allocation import Allocation
@@ -68,6 +68,19 @@ class FakeDatapath:
 
     def list_host_veths(self) -> list[HostVeth]:
         return [HostVeth(name=n, index=1, mac="", up=True) for n in self.links]
+
+    def list_pod_routes(self) -> list[PodRoute]:
+        # The kernel's host routes follow the veths: one per pod address.
+        with self.lock:
+            return [
+                PodRoute(dst=ip, ifname=name)
+                for name, spec in self.links.items()
+                for ip in spec.addresses
+            ]
+
+    def delete_pod_route(self, route: PodRoute) -> None:
+        with self.lock:
+            self.events.append(f"delete-route {route.dst}")
 
 
 class FailingPolicy:

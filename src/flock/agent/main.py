@@ -229,14 +229,11 @@ def resync_kernel(datapath: Datapath, allocations: Sequence[Allocation]) -> dict
             datapath.teardown_pod(container_id="resync", host_ifname=veth.name)
             counts["veths_removed"] += 1
     expected = {(ip, a.host_ifname) for a in allocations for ip in a.all_addresses}
-    list_routes = getattr(datapath, "list_pod_routes", None)
-    delete_route = getattr(datapath, "delete_pod_route", None)
-    if list_routes is not None and delete_route is not None:
-        for r in list_routes():
-            if (r.dst, r.ifname) not in expected:
-                log.info("resync: removing stale host route", extra={"dst": str(r.dst)})
-                delete_route(r)
-                counts["routes_removed"] += 1
+    for r in datapath.list_pod_routes():
+        if (r.dst, r.ifname) not in expected:
+            log.info("resync: removing stale host route", extra={"dst": str(r.dst)})
+            datapath.delete_pod_route(r)
+            counts["routes_removed"] += 1
     return counts
 
 

@@ -27,12 +27,13 @@ loop keeps serving).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
@@ -44,9 +45,10 @@ from flock.apply.datapath import (
     HostVeth,
     PodNetResult,
     PodNetSpec,
+    PodRoute,
     host_veth_name,
 )
-from flock.apply.store import AllocationStore, allocation_to_dict
+from flock.apply.store import AllocationStore
 from flock.compile.annotations import AnnotationError, parse_annotations
 from flock.compile.ipam import Ipam, IpamError
 from flock.model.allocation import Allocation, AttachmentKey
@@ -90,6 +92,10 @@ class Datapath(Protocol):
     def check_pod(self, spec: PodNetSpec) -> list[str]: ...
 
     def list_host_veths(self) -> list[HostVeth]: ...
+
+    def list_pod_routes(self) -> list[PodRoute]: ...
+
+    def delete_pod_route(self, route: PodRoute) -> None: ...
 
 
 class Metrics(Protocol):
@@ -144,7 +150,9 @@ class CniService:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kernel")
         # The store is not thread-safe and every write fsyncs: one writer thread.
         self._store_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
-        self._pending: list[tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]] = []
+        self._pending: collections.deque[
+            tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]
+        ] = collections.deque()
         self._writing = False  # a batch is with the store thread
         # What the reconciler computes from: allocations whose network is built and
         # that are not being deleted (a DEL withdraws before its veth goes).
@@ -199,7 +207,7 @@ class CniService:
         batch: list[tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]] = []
         keys: set[AttachmentKey] = set()
         while self._pending and self._pending[0][0] not in keys:
-            item = self._pending.pop(0)
+            item = self._pending.popleft()
             keys.add(item[0])
             batch.append(item)
         if not batch:
@@ -606,17 +614,14 @@ class CniService:
                 await self._teardown(AttachmentKey("gc", "eth0"), veth.name)
         # Host routes of ours that no allocation accounts for (e.g. left by a crash
         # between a veth's reuse and its routes' removal).
-        list_routes = getattr(self.datapath, "list_pod_routes", None)
-        delete_route = getattr(self.datapath, "delete_pod_route", None)
-        if list_routes is not None and delete_route is not None:
-            routes = await self._kernel(list_routes)
-            # After the listing: an allocation is made before its routes, so every
-            # listed route of a live pod is expected here.
-            expected = {(ip, a.host_ifname) for a in self.ipam.all() for ip in a.all_addresses}
-            for r in routes:
-                if (r.dst, r.ifname) not in expected:
-                    log.info("GC: removing leftover host route", extra={"dst": str(r.dst)})
-                    await self._kernel(delete_route, r)
+        routes = await self._kernel(self.datapath.list_pod_routes)
+        # After the listing: an allocation is made before its routes, so every
+        # listed route of a live pod is expected here.
+        expected = {(ip, a.host_ifname) for a in self.ipam.all() for ip in a.all_addresses}
+        for r in routes:
+            if (r.dst, r.ifname) not in expected:
+                log.info("GC: removing leftover host route", extra={"dst": str(r.dst)})
+                await self._kernel(self.datapath.delete_pod_route, r)
         if released:
             log.info("GC released %d attachments", len(released))
         await self.reconciler.sync()
@@ -657,7 +662,3 @@ def prev_result_problems(prev: Mapping[str, Any] | None, alloc: Allocation) -> l
 def cni_result(links: PodNetResult) -> dict[str, Any]:
     """The CNI 1.1.0 result body (the plugin stamps cniVersion and converts)."""
     return {"cniVersion": CNI_VERSION, **links.to_cni(), "dns": {}}
-
-
-def inspect_allocations(allocs: Sequence[Allocation]) -> list[dict[str, Any]]:
-    return [allocation_to_dict(a) for a in sorted(allocs, key=lambda a: a.key)]
