@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from flock.apply.datapath import host_veth_name
 from flock.testbed.node import PYTHON, Pod, TestNode
 
 pytestmark = pytest.mark.root
@@ -388,3 +389,63 @@ def test_named_port_resolves_per_destination_pod(cluster: Cluster) -> None:
     w3 = cluster.pod("w3", labels={"app": "other"}, ports=[{"name": "http", "containerPort": 9090}])
     # w3 is not under the ingress policy; cli's egress allows w3:9090 (its http) only.
     assert all_ok(reach(cli, w3, 9090)) and all_blocked(reach(cli, w3, 8080))
+
+
+def test_a_failed_add_leaves_the_ruleset_as_it_was(cluster: Cluster) -> None:
+    """ADD puts the pod's policy in place before its veth; when the veth cannot be
+    built (here: the sandbox is gone), the failed ADD takes its verdict-map entry and
+    its addresses in peer sets out again before the error reaches the runtime. DEL
+    removes them too."""
+    cluster.policy(
+        "allow-cli",
+        {
+            "podSelector": {"matchLabels": {"app": "x"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}]}],
+        },
+    )
+    cluster.node.start_agent()
+    x1 = cluster.pod("x1", labels={"app": "x"}, serve=())
+    before = table(cluster.node)
+    assert host_veth_name(x1.container_id, x1.ifname) in before, before
+
+    node = cluster.node
+    uid = node.put_pod("cli", labels={"app": "cli"})
+    gone = Pod(
+        namespace="default",
+        name="cli",
+        uid=uid,
+        netns_name=f"{PREFIX}-gone-{uuid.uuid4().hex[:6]}",  # never created
+        container_id=uuid.uuid4().hex,
+    )
+    # Watch the table's changes during the failed ADD (`ip netns exec` execs nft in
+    # place: the PID is the monitor's own).
+    monitor = subprocess.Popen(
+        ["ip", "netns", "exec", node.name, "nft", "monitor", "ruleset"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        time.sleep(0.5)  # the monitor subscribes
+        res = node.cni_add(gone)
+        time.sleep(0.3)
+    finally:
+        monitor.kill()
+        events = monitor.communicate(timeout=5)[0].splitlines()
+    assert not res.ok, res.stdout
+    assert json.loads(res.stdout)["code"] == 102, res.stdout
+    # The pod's addresses entered the peer set before its veth was attempted (the
+    # attempt failed at once), then left it again.
+    added = [e for e in events if e.startswith("add element inet flock peer_")]
+    removed = [e for e in events if e.startswith("delete element inet flock peer_")]
+    assert added and removed, events
+    after = table(node)
+    assert host_veth_name(gone.container_id, gone.ifname) not in after, after
+    assert after == before  # no verdict-map entry, no peer-set element left
+
+    # The address was released: the next pod gets it, and its policy is in place.
+    cli = cluster.pod("cli2", labels={"app": "cli"}, serve=())
+    now = table(node)
+    assert all(a in now for a in addrs(cli)), now  # in x's peer set
+    assert node.cni_del(x1).ok
+    assert host_veth_name(x1.container_id, x1.ifname) not in table(node)

@@ -88,6 +88,28 @@ class FailingPolicy:
         raise RuntimeError("nft refused the ruleset")
 
 
+class RecordingPolicy:
+    """A policy applier that records, in the datapath's event list, which containers
+    each applied pass covered ("policy c1,c2"), in order with setup and teardown."""
+
+    def __init__(self, dp: FakeDatapath) -> None:
+        self.dp = dp
+
+    async def apply_policy(self, snapshot: Snapshot, allocations: Sequence[Allocation]) -> None:
+        ids = ",".join(sorted(a.key.container_id for a in allocations))
+        with self.dp.lock:
+            self.dp.events.append(f"policy {ids}")
+
+
+def policy_passes(events: list[str]) -> list[tuple[int, set[str]]]:
+    """(position, containers covered) of every recorded policy pass."""
+    out = []
+    for i, e in enumerate(events):
+        if e.startswith("policy"):
+            out.append((i, set(e.removeprefix("policy").strip().split(",")) - {""}))
+    return out
+
+
 def write(path: Path, *docs: Mapping[str, Any]) -> None:
     tmp = path.with_name("." + path.name)
     tmp.write_text(yaml.safe_dump_all([dict(d) for d in docs]))
@@ -124,7 +146,13 @@ def req(command: str, cid: str, pod: str = "", uid: str = "") -> CniRequest:
 Env = tuple[CniService, FakeDatapath, AllocationStore, Path]
 
 
-def run(tmp_path: Path, body: Callable[[Env], Awaitable[T]], *, policy: Any = None) -> T:
+def run(
+    tmp_path: Path,
+    body: Callable[[Env], Awaitable[T]],
+    *,
+    policy: Any = None,
+    recording_policy: bool = False,
+) -> T:
     manifests = tmp_path / "m"
     manifests.mkdir()
     write(
@@ -147,7 +175,7 @@ def run(tmp_path: Path, body: Callable[[Env], Awaitable[T]], *, policy: Any = No
         svc = CniService(
             datastore=ds, ipam=ipam, store=store, datapath=dp, reconciler=rec, pod_wait=0.5
         )
-        rec.set_appliers(policy=policy)
+        rec.set_appliers(policy=RecordingPolicy(dp) if recording_policy else policy)
         svc.ready = True
         task = asyncio.create_task(rec.run())
         try:
@@ -204,6 +232,47 @@ def test_policy_failure_fails_the_add_and_undoes_it(tmp_path: Path) -> None:
         assert svc.ipam.all() == [] and store.allocations() == [] and dp.links == {}
 
     run(tmp_path, body, policy=FailingPolicy())
+
+
+def test_policy_is_in_place_before_the_veth_and_goes_after_it(tmp_path: Path) -> None:
+    """SPEC §6: ADD applies the pod's policy before its veth and host routes exist
+    (no moment in which its address is routed unprotected); DEL removes the policy
+    only after the veth is gone."""
+
+    async def body(env: Env) -> None:
+        svc, dp, _, m = env
+        write(m / "p.yaml", pod_doc("web"))
+        await svc.handle(req("ADD", "c1", "web"))
+        setup = dp.events.index("setup-start c1")
+        covering = [i for i, ids in policy_passes(dp.events) if "c1" in ids]
+        assert covering and covering[0] < setup, dp.events
+        await svc.handle(req("DEL", "c1"))
+        teardown = dp.events.index("teardown c1")
+        passes = policy_passes(dp.events)
+        # Still covered by every pass up to the teardown; the pass after it drops it.
+        assert all("c1" in ids for i, ids in passes if setup < i < teardown), dp.events
+        assert any(i > teardown and "c1" not in ids for i, ids in passes), dp.events
+        assert "c1" not in passes[-1][1]
+
+    run(tmp_path, body, recording_policy=True)
+
+
+def test_a_failed_add_removes_its_policy_before_it_answers(tmp_path: Path) -> None:
+    async def body(env: Env) -> None:
+        svc, dp, store, m = env
+        write(m / "p.yaml", pod_doc("web"))
+        dp.fail_setup = True
+        with pytest.raises(CniError) as ei:
+            await svc.handle(req("ADD", "c1", "web"))
+        assert ei.value.code == ERR_DATAPATH
+        setup = dp.events.index("setup-start c1")
+        passes = policy_passes(dp.events)
+        assert any(i < setup and "c1" in ids for i, ids in passes), dp.events
+        # When the error reaches the runtime, a pass without the pod has been applied.
+        assert passes[-1][0] > setup and "c1" not in passes[-1][1], dp.events
+        assert svc.ipam.all() == [] and store.allocations() == [] and dp.links == {}
+
+    run(tmp_path, body, recording_policy=True)
 
 
 def test_malformed_annotation_names_the_key_and_allocates_nothing(tmp_path: Path) -> None:

@@ -9,7 +9,9 @@ loop then computes the whole desired state from three inputs, and nothing else:
 - this node's NodeConfig (aggregates: what does not need a per-pod route),
 
 and hands each part to its applier, in dependency order: the anycast host
-routes in the kernel, then the BGP export set, then the policy state. An
+routes in the kernel, then the BGP export set, then the policy state (which
+also covers allocations held for policy only: a pod whose veth is not built
+yet or already gone, see `Reconciler.hold_policy`). An
 applier is called only when its part changed since it last succeeded (or when
 a periodic full resync asks for it), so a burst of events collapses into one
 pass and a plain pod's ADD does not touch BIRD at all.
@@ -315,6 +317,8 @@ class Reconciler:
         self._applied_exports: tuple[NodeConfig, frozenset[IPNetwork]] | None = None
         self._force = True
         self._last_full = 0.0
+        # Allocations that count for policy only (see `hold_policy`).
+        self._held: dict[AttachmentKey, Allocation] = {}
         self.desired = Desired()
         self.outcome = Outcome()
         self.stats = ReconcileStats()
@@ -333,10 +337,41 @@ class Reconciler:
     def affects(self, alloc: Allocation) -> bool:
         """Whether a pass could apply anything for this allocation (else an ADD need not
         wait for one): it has anycast or outside-aggregate addresses, or policies exist."""
-        if alloc.anycast or _outside_of(alloc, self.index.masks):
-            return True
+        return self.affects_routes(alloc) or self.policy_active()
+
+    def affects_routes(self, alloc: Allocation) -> bool:
+        """Whether the allocation adds anycast routes or BGP exports (these need its veth)."""
+        return bool(alloc.anycast or _outside_of(alloc, self.index.masks))
+
+    def policy_active(self) -> bool:
+        """Whether a pod appearing or going could change the policy state: a policy
+        applier is attached and it is not idle (no policy exists, empty ruleset applied)."""
+        if self._policy is None:
+            return False
         idle = getattr(self._policy, "idle", None)
-        return self._policy is not None and not (idle is not None and idle(self._snapshot()))
+        return not (idle is not None and idle(self._snapshot()))
+
+    def hold_policy(self, alloc: Allocation) -> None:
+        """Count `alloc` for policy (its verdict-map entries, its addresses in peer sets)
+        without it being in the index (no anycast route, no export).
+
+        ADD holds a new pod's allocation before its veth and host routes exist, so that
+        the pass it then awaits puts the pod's policy in place first (SPEC §6: no window
+        in which its address is routed and it is unprotected); nftables accepts interface
+        names that do not exist yet. DEL holds an allocation it took out of the index so
+        that its policy goes only after its veth. `release_policy` ends the hold.
+        """
+        self._held[alloc.key] = alloc
+
+    def release_policy(self, key: AttachmentKey) -> None:
+        """End `hold_policy` (the next pass drops the policy unless the index has the key)."""
+        self._held.pop(key, None)
+
+    def policy_allocations(self) -> list[Allocation]:
+        """What the policy applier is given: the index plus the held allocations."""
+        allocs = self.index.all()
+        extra = [a for k, a in self._held.items() if k not in self.index]
+        return [*allocs, *extra] if extra else allocs
 
     def mark_dirty(self) -> int:
         """Ask for a pass; returns the request number `wait_for` can wait on."""
@@ -397,7 +432,6 @@ class Reconciler:
             self._last_full = now
         snap = self._snapshot()
         self.index.set_node(snap.node_config)
-        allocs = self.index.all()
         desired = self.index.desired(snap.pods)
         self.desired = desired
         ok = True
@@ -420,6 +454,7 @@ class Reconciler:
         policy_ok = True
         if self._policy is not None:
             t0 = time.perf_counter()
+            allocs = self.policy_allocations()
             policy_ok = await self._apply("policy", self._policy.apply_policy(snap, allocs))
             self.stats.policy_sync_seconds = time.perf_counter() - t0
         ok = ok and policy_ok

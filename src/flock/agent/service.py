@@ -10,14 +10,19 @@ captured error variable):
 
   resolve the pod (read through the datastore: no stale annotations) and the
   NodeConfig -> parse annotations -> allocate (or take `addresses`) -> persist
-  (durable before anything is built on it) -> build the veth and routes ->
-  reconcile (anycast only if Ready, BGP exports, policy in place) -> result.
+  (handed to the store thread; awaited before the result) -> when policy is in
+  force, a reconcile pass that puts the pod's policy in place (verdict-map
+  entries under its veth's name, which nftables accepts before the veth exists,
+  and its addresses in peer sets) -> build the veth and host routes ->
+  reconcile again if the pod has anycast or exported addresses (those routes
+  need the veth; anycast only if Ready) -> result. So the pod's address is
+  never routed while its policy is not in nftables (SPEC §6).
 
 DEL is idempotent: an unknown container, a missing netns or an already-deleted
 veth is success. It withdraws first (the pod's routes leave BGP before its veth
-goes away), then tears down, then releases and persists. GC releases every
-attachment the runtime no longer lists, and removes veths of ours that no
-allocation knows.
+goes away), then tears down, then removes the pod's policy, then releases and
+persists. GC releases every attachment the runtime no longer lists, and
+removes veths of ours that no allocation knows.
 
 Operations on one container are serialised by a per-container lock; different
 containers run concurrently (kernel work runs in a thread pool, so the event
@@ -362,7 +367,15 @@ class CniService:
                 # e.g. a runtime retrying after a lost reply): put back only what is
                 # missing (setup_pod repairs an intact veth pair in place, so the pod
                 # keeps its interface and traffic) and answer the same result.
-                links = await self._build(existing, req)
+                try:
+                    if existing.key not in self.index and self.reconciler.policy_active():
+                        # Not live here (e.g. its DEL failed half-way): policy before
+                        # the veth, as for a new pod.
+                        self.reconciler.hold_policy(existing)
+                        await self.reconciler.sync()
+                    links = await self._build(existing, req)
+                finally:
+                    self.reconciler.release_policy(existing.key)
                 self.index.put(existing)
                 if self.reconciler.affects(existing):
                     await self.reconciler.sync()
@@ -398,28 +411,38 @@ class CniService:
             except IpamError as e:
                 raise CniError(ERR_IPAM, f"pod {pod.namespace}/{pod.name}: {e}") from None
             t1 = time.perf_counter()
+            # Durable first: the store thread writes while policy and kernel work run.
+            persist = self._start_commit(alloc.key, alloc)
+            policy_first = self.reconciler.policy_active()
             try:
-                links = await self._persist_and_build(alloc, req)
+                if policy_first:
+                    # The pod's policy (verdict-map entries under its veth's name, its
+                    # addresses in peer sets) goes into nftables before its veth and
+                    # host routes exist: no moment in which it is routed unprotected.
+                    self.reconciler.hold_policy(alloc)
+                    self._policy_in_place(pod, await self.reconciler.sync())
+                t2 = time.perf_counter()
+                links = await self._persist_and_build(alloc, req, persist)
                 t3 = time.perf_counter()
                 try:
                     self.index.put(alloc)
-                    if self.reconciler.affects(alloc):
-                        outcome = await self.reconciler.sync()
-                    else:  # nothing to route, export or protect: no need to wait
+                    self.reconciler.release_policy(alloc.key)
+                    if self.reconciler.affects_routes(alloc) or (
+                        not policy_first and self.reconciler.policy_active()
+                    ):
+                        # Anycast routes and exports need the veth: they come after it
+                        # (and a policy that appeared since the check above, now).
+                        self._policy_in_place(pod, await self.reconciler.sync())
+                    elif not policy_first:  # nothing to route, export or protect
                         self.reconciler.mark_dirty()
-                        outcome = Outcome()
-                    if not outcome.policy_ok:
-                        raise CniError(
-                            ERR_DATAPATH,
-                            f"pod {pod.namespace}/{pod.name}: network policy could not be "
-                            "put in place, refusing to start the pod unprotected",
-                            outcome.error,
-                        )
                 except BaseException:
                     await self._teardown_quietly(alloc.host_ifname, req)
                     raise
             except BaseException:
-                await self._undo_allocation(alloc)
+                if not persist.cancelled():
+                    with contextlib.suppress(Exception):
+                        await persist  # its outcome is superseded by the undo below
+                await self._undo_allocation(alloc, policy_applied=policy_first)
                 raise
             # Logged after the reply is on its way (the RPC server writes it in this
             # same loop step): formatting a structured record is not the pod's wait.
@@ -435,11 +458,12 @@ class CniService:
                         "anycast": [str(a) for a in alloc.anycast],
                         "ready": pod.ready,
                         # Where this ADD's time went (ms): resolve+parse+allocate,
-                        # persist and kernel side by side, reconcile (anycast, exports,
-                        # policy).
+                        # policy before the veth, persist and kernel side by side,
+                        # reconcile after the veth (anycast, exports).
                         "ms": {
                             "resolve": round((t1 - t0) * 1000, 2),
-                            "persist+kernel": round((t3 - t1) * 1000, 2),
+                            "policy": round((t2 - t1) * 1000, 2),
+                            "persist+kernel": round((t3 - t2) * 1000, 2),
                             "reconcile": round((time.perf_counter() - t3) * 1000, 2),
                         },
                     },
@@ -447,7 +471,19 @@ class CniService:
             )
             return cni_result(links)
 
-    async def _persist_and_build(self, alloc: Allocation, req: CniRequest) -> PodNetResult:
+    @staticmethod
+    def _policy_in_place(pod: Pod, outcome: Outcome) -> None:
+        if not outcome.policy_ok:
+            raise CniError(
+                ERR_DATAPATH,
+                f"pod {pod.namespace}/{pod.name}: network policy could not be "
+                "put in place, refusing to start the pod unprotected",
+                outcome.error,
+            )
+
+    async def _persist_and_build(
+        self, alloc: Allocation, req: CniRequest, persist: asyncio.Future[None]
+    ) -> PodNetResult:
         """Make the allocation durable and build the pod's network, concurrently.
 
         Safe to overlap: the result goes to the runtime only after both finished.
@@ -455,14 +491,13 @@ class CniService:
         re-sync rebuilds or the runtime's DEL releases it) or it does not (then the
         veth, if made, is one no allocation knows, and start-up re-sync removes it).
 
-        The store write is with the store thread before the kernel work starts.
+        `persist` is the store write, already with the store thread (`_start_commit`).
         When this is the only verb in flight, the kernel work (~1 ms) runs right
         here on the event loop thread: nobody else is waiting for the loop, and a
         hop to the kernel pool and back cost 0.1-0.9 ms more per ADD here (measured
         alternately in one agent; the more the CPUs are loaded, the more it costs).
         With other verbs in flight it runs in the pool, so they overlap.
         """
-        persist = self._start_commit(alloc.key, alloc)
         build: PodNetResult | BaseException
         try:
             if self._inflight <= 1:
@@ -522,14 +557,24 @@ class CniService:
         except DatapathError as e:
             raise CniError(ERR_DATAPATH, f"removing the pod network failed: {e}") from e
 
-    async def _undo_allocation(self, alloc: Allocation) -> None:
+    async def _undo_allocation(self, alloc: Allocation, *, policy_applied: bool = False) -> None:
+        """Roll back an ADD: its policy entries go (awaited when a pass may have put
+        them in place, so they are gone when the error reaches the runtime), then
+        its address is released."""
         self.index.remove(alloc.key)
+        self.reconciler.release_policy(alloc.key)
+        if policy_applied and self.reconciler.outcome.policy_ok:
+            try:
+                await self.reconciler.sync()
+            except Exception:
+                log.exception("rollback: removing the policy of %s failed", alloc.key)
+        else:
+            self.reconciler.mark_dirty()
         self.ipam.release(alloc.key)
         try:
             await self._persist_delete(alloc.key)
         except Exception:
             log.exception("rollback: could not persist the release of %s", alloc.key)
-        self.reconciler.mark_dirty()
 
     # ---- DEL ------------------------------------------------------------------
 
@@ -542,12 +587,16 @@ class CniService:
         async with self._locks.hold(key.container_id):
             alloc = self.ipam.get(key)
             if alloc is not None:
-                # Withdraw (anycast, exports, policy) before the veth goes away.
+                # Withdraw (anycast, exports) before the veth goes away; the pod's
+                # policy stays until the veth is gone (held for policy meanwhile).
                 self.index.remove(key)
+                self.reconciler.hold_policy(alloc)
                 try:
-                    await self.reconciler.sync()
+                    if self.reconciler.affects_routes(alloc):
+                        await self.reconciler.sync()
                 except BaseException:
                     self.index.put(alloc)
+                    self.reconciler.release_policy(key)
                     raise
             try:
                 await self._teardown(
@@ -557,12 +606,18 @@ class CniService:
             except BaseException:
                 if alloc is not None:
                     self.index.put(alloc)  # still there: keep routing it
+                    self.reconciler.release_policy(key)
                     self.reconciler.mark_dirty()
                 raise
             if alloc is not None:
+                # Then its policy goes (before the address can be handed out again).
+                self.reconciler.release_policy(key)
+                if self.reconciler.policy_active():
+                    await self.reconciler.sync()
+                else:
+                    self.reconciler.mark_dirty()
                 self.ipam.release(key)
                 await self._persist_delete(key)
-            if alloc is not None:
                 log.info(
                     "DEL",
                     extra={
