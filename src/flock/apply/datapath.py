@@ -136,6 +136,10 @@ class Datapath:
         self._forwarding_done = False
         self._local = threading.local()
         self._lock = threading.Lock()
+        # Held for a whole reaping round: a setup whose names clash with a retired
+        # veth must wait until the round that took that veth has deleted it, not
+        # return while another thread's round is still in progress.
+        self._reap_lock = threading.Lock()
         # Host veth name -> ifindex, learnt at setup and from link dumps; an index
         # gone stale (a veth deleted behind our back) shows up as a failed request,
         # which drops the caches and retries from the kernel's own view.
@@ -524,6 +528,10 @@ class Datapath:
             sock.close()
 
     def _reap_with(self, sock: RtnlSocket, *, pause: float = 0.0) -> None:
+        with self._reap_lock:
+            self._reap_round(sock, pause=pause)
+
+    def _reap_round(self, sock: RtnlSocket, *, pause: float) -> None:
         with self._lock:
             slots = sorted(self._pending_slots)
             self._pending_slots.clear()
