@@ -347,19 +347,7 @@ class Datapath:
                 "; ".join(str(e) for e in errors),
             )
             return None
-        with self._lock:
-            self._ifindex[spec.host_ifname] = hlink.index
-        return PodNetResult(
-            host_ifname=spec.host_ifname,
-            host_mac=host_mac,
-            host_index=hlink.index,
-            pod_ifname=spec.ifname,
-            pod_mac=pod_mac,
-            pod_index=plink.index,
-            sandbox=spec.netns,
-            mtu=hlink.mtu,
-            addresses=spec.addresses,
-        )
+        return self._result(spec, hlink, plink, host_mac=host_mac, pod_mac=pod_mac)
 
     def _configure(
         self, host: RtnlSocket, spec: PodNetSpec, *, host_mac: str, pod_mac: str
@@ -376,6 +364,12 @@ class Datapath:
             host.run(host_requests(spec, host_index=hlink.index, pod_mac=pod_mac))
         except NetlinkError as exc:
             raise DatapathError(str(exc)) from exc
+        return self._result(spec, hlink, plink, host_mac=host_mac, pod_mac=pod_mac)
+
+    def _result(
+        self, spec: PodNetSpec, hlink: rtnl.Link, plink: rtnl.Link, *, host_mac: str, pod_mac: str
+    ) -> PodNetResult:
+        """What ADD reports for a configured (or repaired) pair; remembers the host ifindex."""
         with self._lock:
             self._ifindex[spec.host_ifname] = hlink.index
         return PodNetResult(
