@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from echo import ECHO_SERVER
 
 from flock.apply.datapath import host_veth_name
 from flock.testbed.node import PYTHON, Pod, TestNode
@@ -36,43 +37,6 @@ PORTS = (8080, 9090)
 BLOCKED_TIMEOUT = 1.0  # a dropped SYN: no answer within this time
 
 SPEC: dict[str, Any] = {"cidr6": ["2001:db8:f0a1::/64"], "cidr4": ["10.61.0.0/24"]}
-
-SERVER = textwrap.dedent(
-    """
-    import selectors, socket, sys
-    sel = selectors.DefaultSelector()
-    for port in map(int, sys.argv[1:]):
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("::", port))
-        s.listen(64)
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ, "listen")
-    print("ready", flush=True)
-    while True:
-        for key, _ in sel.select():
-            s = key.fileobj
-            try:
-                if key.data == "listen":
-                    c, _ = s.accept()
-                    c.setblocking(False)
-                    sel.register(c, selectors.EVENT_READ, "conn")
-                else:
-                    data = s.recv(2048)
-                    if data:
-                        s.send(b"ok:" + data)
-                    else:
-                        sel.unregister(s)
-                        s.close()
-            except BlockingIOError:
-                pass
-            except OSError:
-                if key.data == "conn":
-                    sel.unregister(s)
-                    s.close()
-    """
-)
 
 # One attempt per target, all targets at once: "ok", "timeout" or the error's name.
 PROBE = textwrap.dedent(
@@ -154,7 +118,7 @@ class Cluster:
 
     def serve(self, pod: Pod, ports: Sequence[int]) -> None:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", pod.netns_name, PYTHON, "-c", SERVER, *map(str, ports)],
+            ["ip", "netns", "exec", pod.netns_name, PYTHON, "-c", ECHO_SERVER, *map(str, ports)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

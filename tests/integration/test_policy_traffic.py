@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from echo import ECHO_SERVER
 
 from flock.apply.datapath import Datapath, PodNetSpec
 from flock.apply.nft import NftCli, PolicyEngine, table_text
@@ -42,48 +43,6 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 PREFIX = "fn"
 SERVED = (80, 1500, 2500, 5353, 8080, 8081, 9090)
 TIMEOUT = 0.8
-
-SERVER = textwrap.dedent(
-    """
-    import selectors, socket, sys
-    sel = selectors.DefaultSelector()
-    for port in map(int, sys.argv[1:]):
-        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-            s = socket.socket(socket.AF_INET6, kind)
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind(("::", port))
-            if kind == socket.SOCK_STREAM:
-                s.listen(64)
-            s.setblocking(False)
-            sel.register(s, selectors.EVENT_READ, kind)
-    print("ready", flush=True)
-    while True:
-        for key, _ in sel.select():
-            s = key.fileobj
-            try:
-                if key.data == socket.SOCK_DGRAM:
-                    data, peer = s.recvfrom(2048)
-                    s.sendto(b"ok:" + data, peer)
-                elif key.data == socket.SOCK_STREAM:
-                    c, _ = s.accept()
-                    c.setblocking(False)
-                    sel.register(c, selectors.EVENT_READ, "conn")
-                else:
-                    data = s.recv(2048)
-                    if data:
-                        s.send(b"ok:" + data)
-                    else:
-                        sel.unregister(s)
-                        s.close()
-            except BlockingIOError:
-                pass
-            except OSError:
-                if key.data == "conn":
-                    sel.unregister(s)
-                    s.close()
-    """
-)
 
 PROBE = textwrap.dedent(
     """
@@ -229,7 +188,7 @@ class Cluster:
             dp.close()
         for ep in self.eps:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", ep.netns, sys.executable, "-c", SERVER]
+                ["ip", "netns", "exec", ep.netns, sys.executable, "-c", ECHO_SERVER]
                 + [str(p) for p in SERVED],
                 stdout=subprocess.PIPE,
                 text=True,
