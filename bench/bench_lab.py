@@ -18,7 +18,7 @@ import secrets
 import statistics
 import time
 
-from flock.lab import core
+from flock.lab import build, checks, core, pods, routes
 from flock.lab.topology import default_topology
 
 
@@ -32,8 +32,8 @@ def _ms(xs: list[float]) -> str:
 def _flip(name: str, pod: str, prefix: str, ready: bool, want: set[str]) -> float:
     lab = core.Lab.open(name)
     t0 = time.monotonic()
-    core.ready(name, pod, ready)
-    while core.learned(lab).get(prefix, set()) != want:
+    pods.ready(name, pod, ready)
+    while routes.learned(lab).get(prefix, set()) != want:
         if time.monotonic() - t0 > 30:
             raise TimeoutError(f"{prefix} never reached {want}")
     return time.monotonic() - t0
@@ -56,10 +56,10 @@ def main() -> None:
         topo = default_topology().model_copy(update={"name": name})
         try:
             t0 = time.monotonic()
-            core.up(topo)
+            build.up(topo)
             phases["up"].append(time.monotonic() - t0)
             t0 = time.monotonic()
-            results = core.run_checks(name)
+            results = checks.run_checks(name)
             phases["test"].append(time.monotonic() - t0)
             failed = [r.name for r in results if not r.ok]
             if failed:
@@ -72,7 +72,7 @@ def main() -> None:
                 )
         finally:
             t0 = time.monotonic()
-            core.down(name)
+            build.down(name)
             phases["down"].append(time.monotonic() - t0)
     print(f"flock lab, default topology (3 nodes, 8 pods), {a.cycles} cycles:")
     for phase, xs in phases.items():

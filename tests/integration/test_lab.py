@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from flock.lab import cli, core, state
+from flock.lab import build, checks, cli, core, inspect, pods, routes, state
 from flock.lab.topology import Topology, parse
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -84,7 +84,7 @@ def _nothing_left(name: str, pids: list[tuple[int, int]]) -> None:
 
 def _next_hops(name: str, prefix: str) -> set[str]:
     lab = core.Lab.open(name)
-    return core.learned(lab).get(prefix, set())
+    return routes.learned(lab).get(prefix, set())
 
 
 def _wait_next_hops(name: str, prefix: str, want: set[str], timeout: float = 20.0) -> float:
@@ -100,15 +100,15 @@ def _wait_next_hops(name: str, prefix: str, want: set[str], timeout: float = 20.
 def lab() -> Iterator[str]:
     name = _name()
     try:
-        core.up(_topology(name))
+        build.up(_topology(name))
         yield name
     finally:
-        core.down(name)
+        build.down(name)
 
 
 def test_up_twice_is_a_clear_error(lab: str) -> None:
     with pytest.raises(core.LabError, match="already up"):
-        core.up(_topology(lab))
+        build.up(_topology(lab))
     assert cli.main(["up", "--name", lab]) == 1
 
 
@@ -122,7 +122,7 @@ def test_lab_test_passes(lab: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_status_shows_ecmp_and_pods(lab: str, capsys: pytest.CaptureFixture[str]) -> None:
-    st = core.status(lab)
+    st = inspect.status(lab)
     assert {s.state for s in st.sessions} == {"Established"}
     assert len(st.sessions) == 4
     anycast = {r.prefix: {n for _, n in r.nexthops} for r in st.anycast_routes()}
@@ -140,11 +140,11 @@ def test_ready_flip_withdraws_and_restores_at_the_router(lab: str) -> None:
         _wait_next_hops(lab, prefix, {"n2"})
     # Node prefixes are untouched by readiness.
     assert _next_hops(lab, "fd00:f10c:1::/64") == {"n1"}
-    core.ready(lab, "dns-2", False)
+    pods.ready(lab, "dns-2", False)
     for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
         _wait_next_hops(lab, prefix, set())
-    core.ready(lab, "dns-1", True)
-    core.ready(lab, "dns-2", True)
+    pods.ready(lab, "dns-1", True)
+    pods.ready(lab, "dns-2", True)
     for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
         _wait_next_hops(lab, prefix, {"n1", "n2"})
 
@@ -181,7 +181,7 @@ def test_add_exec_delete_pod(lab: str, capfd: pytest.CaptureFixture[str]) -> Non
 
 
 def test_graph(lab: str, tmp_path: Any) -> None:
-    files = core.graph(lab, tmp_path / "lab.svg")
+    files = inspect.graph(lab, tmp_path / "lab.svg")
     assert (tmp_path / "lab.svg") in files
     svg = html.unescape((tmp_path / "lab.svg").read_text())
     assert "default/dns-1" in svg and "BGP ipv6 Established" in svg
@@ -191,14 +191,14 @@ def test_down_removes_everything() -> None:
     name = _name()
     pids: list[tuple[int, int]] = []
     try:
-        core.up(_topology(name))
+        build.up(_topology(name))
         lab = core.Lab.open(name)
         pids = [(int(r.ident), r.start_time) for r in lab.state.processes()]
         assert pids and all(state.alive(p, s) for p, s in pids)
     finally:
-        core.down(name)
+        build.down(name)
     _nothing_left(name, pids)
-    assert core.down(name) == f"lab '{name}': nothing to remove"
+    assert build.down(name) == f"lab '{name}': nothing to remove"
 
 
 def test_down_after_a_crash() -> None:
@@ -207,7 +207,7 @@ def test_down_after_a_crash() -> None:
     recorded: list[tuple[int, int]] = []
     survivors: list[tuple[int, int]] = []
     try:
-        core.up(_topology(name))
+        build.up(_topology(name))
         lab = core.Lab.open(name)
         recorded = [(int(r.ident), r.start_time) for r in lab.state.processes()]
         # The crash: the first process of each kind dies, and the state file is lost.
@@ -216,9 +216,9 @@ def test_down_after_a_crash() -> None:
         survivors = state.pids_in_netns(state.lab_netns(name))
         assert survivors
         with pytest.raises(core.LabError, match="already up"):
-            core.up(_topology(name))
+            build.up(_topology(name))
     finally:
-        core.down(name)
+        build.down(name)
     _nothing_left(name, recorded + survivors)
 
 
@@ -252,7 +252,7 @@ def test_down_after_up_was_killed_half_way() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-        core.down(name)
+        build.down(name)
     _nothing_left(name, recorded + survivors)
 
 
@@ -283,14 +283,14 @@ def test_ipv6_only_lab_with_a_replica_not_ready_at_start() -> None:
     topo = core.load_topology(example, name=name)
     pids: list[tuple[int, int]] = []
     try:
-        core.up(topo)
+        build.up(topo)
         pids = [(int(r.ident), r.start_time) for r in core.Lab.open(name).state.processes()]
         assert _next_hops(name, "fd00:f10c:ff::1/128") == {"a"}
-        results = core.run_checks(name)
+        results = checks.run_checks(name)
         assert all(r.ok for r in results), [r for r in results if not r.ok]
         assert not any("IPv4" in r.name for r in results)
-        core.ready(name, "svc-b", True)
+        pods.ready(name, "svc-b", True)
         _wait_next_hops(name, "fd00:f10c:ff::1/128", {"a", "b"})
     finally:
-        core.down(name)
+        build.down(name)
     _nothing_left(name, pids)

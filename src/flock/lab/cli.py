@@ -1,4 +1,4 @@
-"""`flock lab ...`: thin verbs over `flock.lab.core` (the containerlab shape).
+"""`flock lab ...`: thin verbs over the lab's core API (the containerlab shape).
 
     flock lab up [TOPOLOGY]          deploy (default topology when none given)
     flock lab status [--json]        inspect: sessions, routes, pods per node
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flock import ANNOTATION_PREFIX
-from flock.lab import core
+from flock.lab import build, checks, core, inspect, pods, routes
 from flock.lab import state as lab_state
 from flock.lab.topology import DEFAULT_LAB_NAME, PodSpec, TopologyError
 from flock.lab.view import render_checks, render_text
@@ -161,24 +161,24 @@ def _validate(ns: argparse.Namespace) -> int:
 
 def _up(ns: argparse.Namespace) -> int:
     topo = core.load_topology(ns.topology, name=ns.name)
-    print(core.up(topo, progress=_say))
+    print(build.up(topo, progress=_say))
     return 0
 
 
 def _down(ns: argparse.Namespace) -> int:
-    print(core.down(_lab_name(ns.name), progress=_say))
+    print(build.down(_lab_name(ns.name), progress=_say))
     return 0
 
 
 def _status(ns: argparse.Namespace) -> int:
-    st = core.status(_lab_name(ns.name))
+    st = inspect.status(_lab_name(ns.name))
     print(st.to_json() if ns.json else render_text(st))
     return 0
 
 
 def _graph(ns: argparse.Namespace) -> int:
     name = _lab_name(ns.name)
-    for f in core.graph(name, ns.output or Path(f"{name}.svg")):
+    for f in inspect.graph(name, ns.output or Path(f"{name}.svg")):
         print(f"wrote {f}")
     return 0
 
@@ -186,27 +186,27 @@ def _graph(ns: argparse.Namespace) -> int:
 def _ready(ns: argparse.Namespace) -> int:
     name = _lab_name(ns.name)
     t0 = time.monotonic()
-    core.ready(name, ns.pod, ns.value == "true")
+    pods.ready(name, ns.pod, ns.value == "true")
     print(f"pod {ns.pod}: Ready={ns.value}")
-    _, routes = core.converge(name)
+    _, learned = routes.converge(name)
     took = time.monotonic() - t0
     pod = core.Lab.open(name).pod(ns.pod)
     for ip in pod.annotation_ips("anycast"):
         prefix = str(ipaddress.ip_network(ip))
-        via = ", ".join(sorted(routes.get(prefix, set()))) or "nothing (withdrawn everywhere)"
+        via = ", ".join(sorted(learned.get(prefix, set()))) or "nothing (withdrawn everywhere)"
         print(f"  router: {prefix} via {via}")
     print(f"  (the router's table matched {took * 1000:.0f} ms after the flip)")
     return 0
 
 
 def _add_pod(ns: argparse.Namespace) -> int:
-    rec = core.add_pod(_lab_name(ns.name), _pod_from_args(ns))
+    rec = pods.add_pod(_lab_name(ns.name), _pod_from_args(ns))
     print(f"pod {rec.namespace}/{rec.name} on {rec.node}: {' '.join(rec.addresses)}")
     return 0
 
 
 def _delete_pod(ns: argparse.Namespace) -> int:
-    core.delete_pod(_lab_name(ns.name), ns.pod)
+    pods.delete_pod(_lab_name(ns.name), ns.pod)
     print(f"pod {ns.pod} deleted")
     return 0
 
@@ -217,13 +217,13 @@ def _exec(ns: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("exec needs a command: flock lab exec POD -- CMD ARGS...")
-    return core.exec_in_pod(_lab_name(ns.name), ns.pod, cmd)
+    return pods.exec_in_pod(_lab_name(ns.name), ns.pod, cmd)
 
 
 def _test(ns: argparse.Namespace) -> int:
     name = _lab_name(ns.name)
     print(f"running the built-in checks against lab '{name}' ...", flush=True)
-    results = core.run_checks(name)
+    results = checks.run_checks(name)
     print(render_checks(results))
     return 0 if results and all(r.ok for r in results) else 1
 

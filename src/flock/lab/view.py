@@ -1,6 +1,6 @@
 """What `flock lab status` shows, as plain data, and its rendering as text and JSON.
 
-`core.status` gathers the facts (FRR's own view of sessions and routes, the
+`inspect.status` gathers the facts (FRR's own view of sessions and routes, the
 lab's pods and their readiness, which processes are alive); this module only
 holds and formats them, so the formatting is tested without a lab.
 """
