@@ -240,7 +240,7 @@ def test_manifests_round_trip_through_the_agent_models(tmp_path: Path) -> None:
     ds.put_node_config(topo.nodeconfig("node1"))
     ds.put_namespace("default")
     pod = topo.pod("dns-1")
-    ds.put_pod(pod, uid="u-1", ready=False)
+    uid = ds.create_pod(pod)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["namespace-default.yaml", "nodeconfig-node1.yaml", "pod-default-dns-1.yaml"]
     nc = NodeConfig.from_object(yaml.safe_load((tmp_path / files[1]).read_text()))
@@ -250,12 +250,12 @@ def test_manifests_round_trip_through_the_agent_models(tmp_path: Path) -> None:
         "default",
         "dns-1",
         "node1",
-        "u-1",
+        uid,
         False,
     )
     assert p.annotations["flock.fritzlab.net/anycast"] == "fd00:f10c:a::53, 198.18.100.53"
     assert p.labels == {"app": "dns"}
-    ds.set_ready(pod, uid="u-1", ready=True, ips=["fd00:f10c:1::5", "198.18.1.5"])
+    ds.set_status(pod, uid=uid, ready=True, ips=["fd00:f10c:1::5", "198.18.1.5"])
     p = Pod.from_object(yaml.safe_load((tmp_path / files[2]).read_text()))
     assert p.ready and [str(i) for i in p.ips] == ["fd00:f10c:1::5", "198.18.1.5"]
     ns = Namespace.from_object(yaml.safe_load((tmp_path / files[0]).read_text()))

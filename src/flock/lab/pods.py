@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from flock.lab.core import Lab, LabError, node_netns, pod_netns
-from flock.lab.datastore import new_uid
 from flock.lab.state import PodRecord
 from flock.lab.topology import (
     PodSpec,
@@ -48,8 +47,7 @@ def _cni(lab: Lab, rec: PodRecord, command: str) -> dict[str, Any]:
 
 def attach_pod(lab: Lab, pod: PodSpec) -> PodRecord:
     """Schedule (write the object, not Ready), attach (CNI ADD), then set readiness."""
-    uid = new_uid()
-    lab.datastore.put_pod(pod, uid=uid, ready=False)
+    uid = lab.datastore.create_pod(pod)
     ns = pod_netns(lab.name, pod)
     lab.state.add_netns(ns, role=f"pod {pod.key}")
     netns.create(ns)
@@ -66,7 +64,7 @@ def attach_pod(lab: Lab, pod: PodSpec) -> PodRecord:
     result = _cni(lab, rec, "ADD")
     rec.addresses = [str(ipaddress.ip_interface(ip["address"]).ip) for ip in result.get("ips", [])]
     lab.state.save()
-    lab.datastore.put_pod(pod, uid=uid, ready=pod.ready, ips=rec.addresses)
+    lab.datastore.set_status(pod, uid=uid, ready=pod.ready, ips=rec.addresses)
     return rec
 
 
@@ -77,7 +75,7 @@ def ready(name: str, ref: str, value: bool) -> None:
     lab.topo = lab.topo.with_ready(pod.key, value)
     lab.save_topology()
     if rec is not None:
-        lab.datastore.set_ready(lab.topo.pod(pod.key), uid=rec.uid, ready=value, ips=rec.addresses)
+        lab.datastore.set_status(lab.topo.pod(pod.key), uid=rec.uid, ready=value, ips=rec.addresses)
 
 
 def add_pod(name: str, pod: PodSpec) -> PodRecord:
