@@ -248,9 +248,6 @@ def _start_agent(lab: Lab, node: str) -> None:
     handle = lab.node(node)
     try:
         handle.start_agent(
-            # Later flags win: the node's Kubernetes name, and the lab's shared manifests.
-            "--node-name", node,
-            "--manifests", str(lab.manifests_dir),
             "--bird-socket", str(bird.socket_path),
             "--bird-config", str(bird.config_path),
             "--router-id", _node_router_id(lab, node),

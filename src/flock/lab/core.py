@@ -142,7 +142,15 @@ class Lab:
             prefix=lab_state.netns_prefix(self.name),
             base_dir=base,
             plugin=base / "bin" / "flock",
+            node_name=node,
+            datastore_args=self.agent_datastore_args(node),
         )
+
+    def agent_datastore_args(self, node: str) -> list[str]:
+        """How `node`'s agent reaches the lab's datastore."""
+        if self.state.datastore == "kube":
+            return ["--kubeconfig", str(self.node_dir(node) / "kubeconfig")]
+        return ["--manifests", str(self.manifests_dir)]
 
     def vtysh(self, command: str) -> Any:
         """FRR's JSON answer to a `show ...` command (bgpd for BGP, zebra for routes)."""

@@ -204,6 +204,11 @@ class TestNode:
     pods: dict[str, Pod] = field(default_factory=dict)
     plugin: Path | None = None
     network: str = DEFAULT_NETWORK
+    # The node's name in the cluster (NodeConfig name, pods' spec.nodeName); default: `name`.
+    node_name: str | None = None
+    # Where the agent reads the cluster from: default `--manifests <base_dir>/manifests`;
+    # e.g. ["--kubeconfig", path] for a real API server.
+    datastore_args: list[str] | None = None
     _agent_log: Any = None
 
     # ---- lifecycle ---------------------------------------------------------------
@@ -221,6 +226,8 @@ class TestNode:
         uplink_peer_ifname: str | None = None,
         gateway6: str | None = None,
         gateway4: str | None = None,
+        node_name: str | None = None,
+        datastore_args: Sequence[str] | None = None,
     ) -> TestNode:
         """Create the node namespace, its uplink and directories.
 
@@ -232,7 +239,15 @@ class TestNode:
         """
         name = name or netns.unique_name(prefix + "n", 6)
         base = Path(base_dir) if base_dir else Path(tempfile.mkdtemp(prefix=f"{name}-"))
-        node = cls(name=name, prefix=prefix, base_dir=base, v6=v6, v4=v4)
+        node = cls(
+            name=name,
+            prefix=prefix,
+            base_dir=base,
+            v6=v6,
+            v4=v4,
+            node_name=node_name,
+            datastore_args=list(datastore_args) if datastore_args is not None else None,
+        )
         try:
             netns.create(name, forwarding=True)
             for d in (node.state_dir, node.run_dir, node.manifests_dir, node.bin_dir):
@@ -307,7 +322,7 @@ class TestNode:
         return path
 
     def set_node_config(self, spec: Mapping[str, Any]) -> None:
-        self.write("nodeconfig.yaml", nodeconfig_manifest(self.name, spec))
+        self.write("nodeconfig.yaml", nodeconfig_manifest(self.node_name or self.name, spec))
 
     def put_pod(
         self,
@@ -325,7 +340,13 @@ class TestNode:
             (k if "/" in k else ANNOTATION_PREFIX + k): v for k, v in (annotations or {}).items()
         }
         obj = pod_manifest(
-            name, namespace=namespace, node=self.name, uid=uid, annotations=ann, ready=ready, **kw
+            name,
+            namespace=namespace,
+            node=self.node_name or self.name,
+            uid=uid,
+            annotations=ann,
+            ready=ready,
+            **kw,
         )
         self.write(f"pod-{namespace}-{name}.yaml", obj)
         return uid
@@ -346,17 +367,22 @@ class TestNode:
     # ---- the agent ---------------------------------------------------------------
 
     def agent_command(self, *extra: str) -> list[str]:
+        """The agent's command line: one set of flags, from the node's fields, plus `extra`."""
+        datastore = (
+            self.datastore_args
+            if self.datastore_args is not None
+            else ["--manifests", str(self.manifests_dir)]
+        )
         return [
             str(repo_venv_bin() / "flock"),
             "agent",
             "--node-name",
-            self.name,
+            self.node_name or self.name,
             "--state-dir",
             str(self.state_dir),
             "--run-dir",
             str(self.run_dir),
-            "--manifests",
-            str(self.manifests_dir),
+            *datastore,
             *extra,
         ]
 
