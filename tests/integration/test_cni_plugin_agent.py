@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import pytest
 from flock.cni import install
 from flock.testbed import netns
 from flock.testbed.node import Pod, TestNode, test_node
+from flock.testbed.wait import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -110,10 +110,10 @@ def test_del_while_agent_is_down_is_replayed_at_restart(fpnode: TestNode) -> Non
     assert {a["pod"] for a in fpnode.status()["allocations"]} == {"doomed", "keep"}
     fpnode.stop_agent()
 
-    t0 = time.monotonic()
-    res = fpnode.cni_del(pod, config=fpnode.network_config(agentTimeout=1))
+    # Pod deletion is not wedged: a hang raises TimeoutExpired (a hang detector, not a
+    # speed bound: the plugin finds no socket and records the DEL at once).
+    res = fpnode.cni_del(pod, config=fpnode.network_config(agentTimeout=1), timeout=60)
     assert res.ok and res.stdout == "", res.stdout + res.stderr
-    assert time.monotonic() - t0 < 10  # pod deletion is not wedged
     assert "recorded" in res.stderr
     spool = fpnode.state_dir / "deferred-del"
     assert [p.name for p in spool.iterdir()] == [f"{pod.container_id}@eth0.json"]
@@ -149,8 +149,12 @@ def test_del_recorded_while_the_agent_runs_is_picked_up(fpnode: TestNode) -> Non
         "config": fpnode.network_config(),
     }
     plugin.defer_del(str(fpnode.state_dir), request)
-    deadline = time.monotonic() + 25
-    while time.monotonic() < deadline and fpnode.status()["allocations"]:
-        time.sleep(0.2)
-    assert fpnode.status()["allocations"] == []
-    assert list((fpnode.state_dir / "deferred-del").iterdir()) == []
+    spool = fpnode.state_dir / "deferred-del"
+
+    # The agent drops the allocation while applying the DEL and removes the spool file
+    # only after it: both are awaited together (checking the spool once right after the
+    # allocation went was the flake of issue 9).
+    def held() -> tuple[list[object], list[str]]:
+        return fpnode.status()["allocations"], sorted(p.name for p in spool.iterdir())
+
+    wait_until(held, until=lambda h: h == ([], []), timeout=60, what="deferred DEL replayed")
