@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
@@ -21,6 +22,7 @@ import pytest
 
 from flock.testbed import netns
 from flock.testbed.node import Pod, TestNode, test_node
+from flock.testbed.wait import wait_until
 
 pytestmark = pytest.mark.root
 
@@ -55,43 +57,84 @@ def has_host_route(node: TestNode, ip: str) -> bool:
 
 
 class Pinger:
-    """`ping -c count -i 0.01` from `src` to `dst` in the background; `lost()` when done."""
+    """A continuous `ping -i 0.01` from `src` to `dst`, its answers collected as they come.
 
-    def __init__(self, src: Pod, dst: str, count: int) -> None:
-        self.count = count
-        ping = ["ping", "-n", "-q", "-c", str(count), "-i", str(PING_INTERVAL), "-W", "1", dst]
+    It runs for as long as the operation under test takes, however slow the machine:
+    `started()` waits for answers sent before the operation, `finished()` for an
+    answer sent after it, and `lost()` lists the unanswered sequence numbers up to
+    the last answered one (a fixed `-c count` made the ping a wall-clock budget that
+    a loaded machine's ADDs outlasted).
+    """
+
+    def __init__(self, src: Pod, dst: str) -> None:
+        # -D: each answer line carries its receive time; minus its rtt, its send time.
+        ping = ["stdbuf", "-oL", "ping", "-n", "-D", "-i", str(PING_INTERVAL), "-W", "1", dst]
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", src.netns_name, *ping],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self._lock = threading.Lock()  # the reader thread adds to sent_at while we read it
+        self.sent_at: dict[int, float] = {}  # answered icmp_seq -> send time (CLOCK_REALTIME)
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read, name="pinger", daemon=True)
+        self._reader.start()
 
-    def running(self) -> bool:
-        return self.proc.poll() is None
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            m = ANSWER.search(line)
+            if m:
+                with self._lock:
+                    self.sent_at[int(m["seq"])] = float(m["ts"]) - float(m["rtt"]) / 1000
 
-    def lost(self) -> int:
-        out, _ = self.proc.communicate(timeout=self.count * PING_INTERVAL + 30)
-        m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert m, out
-        sent, received = int(m.group(1)), int(m.group(2))
-        assert sent == self.count, out
-        return sent - received
+    def answers(self) -> dict[int, float]:
+        with self._lock:
+            return dict(self.sent_at)
+
+    def started(self) -> None:
+        """Wait until the ping is answered (a few answers: traffic flows before the operation)."""
+        wait_until(
+            lambda: len(self.answers()), until=lambda n: n >= 5, timeout=60, what="5 answers"
+        )
+
+    def finished(self) -> None:
+        """Wait for an answer to a ping sent after now (the operation is covered by pings)."""
+        now = time.time()
+        wait_until(
+            lambda: max(self.answers().values(), default=0.0),
+            until=lambda last: last > now,
+            timeout=60,
+            what=f"an answer to a ping sent after {now:.3f}",
+        )
+
+    def lost(self) -> list[int]:
+        answered = self.answers()
+        top = max(answered, default=0)
+        return sorted(set(range(1, top + 1)) - set(answered))
 
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+        self._reader.join(10)
+
+
+ANSWER = re.compile(
+    r"^\[(?P<ts>[0-9.]+)\] \d+ bytes from .*icmp_seq=(?P<seq>\d+) .*time=(?P<rtt>[0-9.]+) ms"
+)
 
 
 def wait_answered(src: Pod, dst: str) -> None:
     """Wait until `dst` answers one ping (the pod's network is up end to end)."""
-    deadline = time.monotonic() + 5
-    while True:
-        r = netns.run(["ping", "-c", "1", "-W", "1", dst], netns=src.netns_name, check=False)
-        if r.returncode == 0:
-            return
-        assert time.monotonic() < deadline, f"{dst} never answered"
+    wait_until(
+        lambda: netns.run(["ping", "-c", "1", "-W", "1", dst], netns=src.netns_name, check=False),
+        until=lambda r: r.returncode == 0,
+        timeout=60,
+        what=f"{dst} to answer a ping",
+    )
 
 
 def test_repeated_add_returns_the_same_result_and_leaves_the_pod_alone(rnode: TestNode) -> None:
@@ -102,17 +145,19 @@ def test_repeated_add_returns_the_same_result_and_leaves_the_pod_alone(rnode: Te
     first = a.result.json
     pod_index, host_index = pod_ifindex(a), host_ifindex(rnode, a)
     wait_answered(a, b4)
-    pinger6, pinger4 = Pinger(a, b6, 300), Pinger(a, b4, 300)
+    pinger6, pinger4 = Pinger(a, b6), Pinger(a, b4)
     try:
-        time.sleep(0.2)
+        pinger6.started()
+        pinger4.started()
         for _ in range(5):
             for pod in (a, b):
                 again = rnode.cni_add(pod)
                 assert again.ok, again.stdout
                 if pod is a:
                     assert again.json == first
-        assert pinger6.running() and pinger4.running(), "the ADDs outlasted the pings"
-        assert (pinger6.lost(), pinger4.lost()) == (0, 0)
+        pinger6.finished()
+        pinger4.finished()
+        assert (pinger6.lost(), pinger4.lost()) == ([], [])
     finally:
         pinger6.stop()
         pinger4.stop()
@@ -131,13 +176,13 @@ def test_repeated_add_puts_back_only_what_is_missing(rnode: TestNode) -> None:
     a.exec("ip", "-6", "route", "del", "default")
     assert not rnode.cni_check(a).ok
     wait_answered(b, a4)  # v4 towards the pod still works: its host route is in place
-    pinger = Pinger(b, a4, 200)
+    pinger = Pinger(b, a4)
     try:
-        time.sleep(0.2)
+        pinger.started()
         again = rnode.cni_add(a)
         assert again.ok, again.stdout
-        assert pinger.running(), "the ADD outlasted the ping"
-        assert pinger.lost() == 0
+        pinger.finished()
+        assert pinger.lost() == []
     finally:
         pinger.stop()
     assert again.json == a.result.json
@@ -159,12 +204,12 @@ def test_restart_repairs_host_routes_without_rebuilding_the_veth(rnode: TestNode
     rnode.exec("ip", "-6", "route", "del", a6)
     rnode.exec("ip", "-4", "neigh", "del", a4, "dev", host_veth)
     wait_answered(b, a4)
-    pinger = Pinger(b, a4, 500)
+    pinger = Pinger(b, a4)
     try:
-        time.sleep(0.2)
+        pinger.started()
         rnode.start_agent()
-        assert pinger.running(), "the agent's start outlasted the ping"
-        assert pinger.lost() == 0
+        pinger.finished()
+        assert pinger.lost() == []
     finally:
         pinger.stop()
     assert has_host_route(rnode, a6)
