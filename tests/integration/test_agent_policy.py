@@ -10,15 +10,18 @@ Each pod's sandbox gets a TCP echo server (dual-stack, several ports) *before* i
 ADD, so the moment the ADD returns the pod would answer if nothing stopped the
 traffic. The first probe after the ADD is the assertion: no retry, no wait. A
 blocked probe is a connect timeout (nftables drops); a reachable one is a
-completed echo.
+completed echo; anything else (refused, unreachable) is neither, so a dead echo
+server fails both kinds of cell. Once connected, the echo may take long on a
+loaded machine: only the connect is timed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import textwrap
-import time
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,13 +31,17 @@ import pytest
 from echo import ECHO_SERVER
 
 from flock.apply.datapath import host_veth_name
+from flock.testbed import netns
 from flock.testbed.node import PYTHON, Pod, TestNode
+from flock.testbed.wait import wait_until
 
 pytestmark = pytest.mark.root
 
 PREFIX = "fw"
 PORTS = (8080, 9090)
-BLOCKED_TIMEOUT = 1.0  # a dropped SYN: no answer within this time
+BLOCKED_TIMEOUT = 1.0  # a dropped SYN: no answer within this time (below TCP's 1 s SYN RTO)
+ECHO_TIMEOUT = 30.0  # once connected: the echo server may be slow to run, never blocked
+WAIT = 60.0  # deadline for the agent to apply a policy change (not an expectation)
 
 SPEC: dict[str, Any] = {"cidr6": ["2001:db8:f0a1::/64"], "cidr4": ["10.61.0.0/24"]}
 
@@ -43,7 +50,7 @@ PROBE = textwrap.dedent(
     """
     import json, socket, sys
     from concurrent.futures import ThreadPoolExecutor
-    timeout = float(sys.argv[1])
+    timeout, echo_timeout = float(sys.argv[1]), float(sys.argv[2])
     def probe(item):
         addr, port = item
         fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -51,12 +58,18 @@ PROBE = textwrap.dedent(
             s.settimeout(timeout)
             try:
                 s.connect((addr, port))
-                s.send(b"x")
-                return "ok" if s.recv(16) == b"ok:x" else "bad-reply"
             except socket.timeout:
                 return "timeout"
             except OSError as e:
                 return type(e).__name__
+            s.settimeout(echo_timeout)
+            try:
+                s.send(b"x")
+                return "ok" if s.recv(16) == b"ok:x" else "bad-reply"
+            except socket.timeout:
+                return "echo-timeout"
+            except OSError as e:
+                return "echo-" + type(e).__name__
     items = json.load(sys.stdin)
     with ThreadPoolExecutor(max_workers=max(1, len(items))) as ex:
         print(json.dumps(list(ex.map(probe, items))))
@@ -146,10 +159,20 @@ def probe(
 ) -> list[str]:
     """One TCP connect (+ echo) from `src` to each target, concurrently; no retry."""
     out = subprocess.run(
-        ["ip", "netns", "exec", src.netns_name, PYTHON, "-c", PROBE, str(timeout)],
+        [
+            "ip",
+            "netns",
+            "exec",
+            src.netns_name,
+            PYTHON,
+            "-c",
+            PROBE,
+            str(timeout),
+            str(ECHO_TIMEOUT),
+        ],
         input=json.dumps([list(t) for t in targets]).encode(),
         capture_output=True,
-        timeout=30,
+        timeout=ECHO_TIMEOUT + 60,
         check=True,
     )
     res = json.loads(out.stdout)
@@ -171,13 +194,65 @@ def all_blocked(res: Mapping[str, str]) -> bool:
     return bool(res) and all(v == "timeout" for v in res.values())
 
 
-def wait_until(cond: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+def wait_reach(
+    src: Pod, dst: Pod, port: int, until: Callable[[Mapping[str, str]], bool], what: str
+) -> None:
+    """Probe until `until(result)`: for a policy change the agent applies in the background."""
+    wait_until(lambda: reach(src, dst, port), until=until, timeout=WAIT, what=what)
+
+
+class RulesetMonitor:
+    """`nft monitor ruleset` in a namespace, read line by line as events arrive.
+
+    `mark()` adds and deletes a table of its own and waits until the monitor has
+    shown that: netlink delivers a namespace's ruleset events in order, so every
+    change made before the mark has been read too. The first mark proves the monitor
+    is subscribed; a later one returns the events since the previous mark.
+    """
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        # `ip netns exec` execs nft in place: the PID is the monitor's own.
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "stdbuf", "-oL", "nft", "monitor", "ruleset"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+        self._seen = 0  # lines returned by earlier marks
+        self._marks = itertools.count()
+        self._reader = threading.Thread(target=self._read, name="nft-monitor", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._lock:
+                self._lines.append(line.rstrip("\n"))
+
+    def lines(self) -> list[str]:
+        with self._lock:
+            return list(self._lines)
+
+    def mark(self) -> list[str]:
+        """Mark the stream; returns the events between the previous mark and this one."""
+        table = f"flockmark{next(self._marks)}"
+        netns.run(["nft", "add", "table", "inet", table], netns=self.ns)
+        netns.run(["nft", "delete", "table", "inet", table], netns=self.ns)
+        end = f"delete table inet {table}"
+        lines = wait_until(self.lines, until=lambda ls: end in ls, timeout=WAIT, what=end)
+        cut = lines.index(end)
+        events = [ln for ln in lines[self._seen : cut + 1] if "table inet flockmark" not in ln]
+        self._seen = cut + 1
+        return events
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)
+        self._reader.join(5)
 
 
 def table(node: TestNode) -> str:
@@ -276,13 +351,11 @@ def test_policy_added_and_removed_while_the_agent_runs(cluster: Cluster) -> None
     fname = cluster.policy(
         "deny-db", {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"]}
     )
-    assert wait_until(lambda: all_blocked(reach(cli, db, 8080, timeout=0.5)), 10), table(
-        cluster.node
-    )
+    wait_reach(cli, db, 8080, all_blocked, "cli -> db:8080 blocked")
     assert all_blocked(reach(cli, db, 9090))
     assert all_ok(reach(db, cli, 8080))  # cli is not selected
     cluster.remove(fname)
-    assert wait_until(lambda: all_ok(reach(cli, db, 8080, timeout=0.5)), 10), table(cluster.node)
+    wait_reach(cli, db, 8080, all_ok, "cli -> db:8080 open")
     assert all_ok(reach(cli, db, 9090))
 
 
@@ -300,20 +373,30 @@ def test_malformed_policy_is_reported_and_disturbs_nothing(cluster: Cluster) -> 
     }
     # Alone: reported although no valid policy exists.
     cluster.policy("bad", bad_spec)
-    assert wait_until(lambda: "default/bad" in rejected(cluster.node), 10), cluster.node.status()
+    wait_until(
+        lambda: rejected(cluster.node),
+        until=lambda r: "default/bad" in r,
+        timeout=WAIT,
+        what="bad rejected",
+    )
     assert "Maybe" in rejected(cluster.node)["default/bad"]
     assert all_ok(reach(x1, cli, 8080))  # not half-applied: cli is not isolated
     # Next to a good one.
     cluster.policy("deny-x", DENY_INGRESS_X)
-    assert wait_until(lambda: all_blocked(reach(cli, x1, 8080, timeout=0.5)), 10)
+    wait_reach(cli, x1, 8080, all_blocked, "cli -> x1:8080 blocked")
     assert "default/bad" in rejected(cluster.node)
     assert all_ok(reach(x1, cli, 8080))
     x2 = cluster.pod("x2", labels={"app": "x"})
     assert all_blocked(reach(cli, x2, 8080))
     # Fixed: no longer rejected, and now enforced (it selects cli).
     cluster.policy("bad", {**bad_spec, "podSelector": {"matchLabels": {"app": "cli"}}})
-    assert wait_until(lambda: "default/bad" not in rejected(cluster.node), 10)
-    assert wait_until(lambda: all_blocked(reach(x1, cli, 8080, timeout=0.5)), 10)
+    wait_until(
+        lambda: rejected(cluster.node),
+        until=lambda r: "default/bad" not in r,
+        timeout=WAIT,
+        what="bad accepted",
+    )
+    wait_reach(x1, cli, 8080, all_blocked, "x1 -> cli:8080 blocked")
 
 
 def test_named_port_resolves_per_destination_pod(cluster: Cluster) -> None:
@@ -348,7 +431,7 @@ def test_named_port_resolves_per_destination_pod(cluster: Cluster) -> None:
         },
     )
     plain = cluster.pod("plain", labels={"app": "plain"})  # declares no port
-    assert wait_until(lambda: all_blocked(reach(cli, plain, 8080, timeout=0.5)), 10)
+    wait_reach(cli, plain, 8080, all_blocked, "cli -> plain:8080 blocked")
     assert all_ok(reach(cli, w1, 8080)) and all_ok(reach(cli, w2, 9090))
     w3 = cluster.pod("w3", labels={"app": "other"}, ports=[{"name": "http", "containerPort": 9090}])
     # w3 is not under the ingress policy; cli's egress allows w3:9090 (its http) only.
@@ -381,21 +464,15 @@ def test_a_failed_add_leaves_the_ruleset_as_it_was(cluster: Cluster) -> None:
         netns_name=f"{PREFIX}-gone-{uuid.uuid4().hex[:6]}",  # never created
         container_id=uuid.uuid4().hex,
     )
-    # Watch the table's changes during the failed ADD (`ip netns exec` execs nft in
-    # place: the PID is the monitor's own).
-    monitor = subprocess.Popen(
-        ["ip", "netns", "exec", node.name, "nft", "monitor", "ruleset"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    # Watch the table's changes during the failed ADD, between two marks: every event
+    # of the ADD is in between (no sleep for the monitor to subscribe or to catch up).
+    monitor = RulesetMonitor(node.name)
     try:
-        time.sleep(0.5)  # the monitor subscribes
+        monitor.mark()
         res = node.cni_add(gone)
-        time.sleep(0.3)
+        events = monitor.mark()
     finally:
-        monitor.kill()
-        events = monitor.communicate(timeout=5)[0].splitlines()
+        monitor.stop()
     assert not res.ok, res.stdout
     assert json.loads(res.stdout)["code"] == 102, res.stdout
     # The pod's addresses entered the peer set before its veth was attempted (the
