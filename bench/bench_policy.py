@@ -41,7 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from flock.apply.nft import Nft, NftCli, NftLib, PolicyEngine, delete_table
-from flock.compile.policy import LocalPod, PolicyInputs, compile_inputs, render_full
+from flock.compile.policy import (
+    LocalPod,
+    PolicyChanges,
+    PolicyInputs,
+    compile_inputs,
+    render_full,
+)
 from flock.model.pod import ContainerPort, Namespace, Pod
 from flock.model.policy import NetworkPolicy
 from flock.testbed import netns
@@ -147,13 +153,18 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def changes(base: PolicyInputs) -> list[tuple[str, PolicyInputs]]:
-    """One-object changes from `base`, each with its successor state."""
+Change = tuple[str, PolicyInputs, PolicyChanges, PolicyChanges]
+
+
+def changes(base: PolicyInputs) -> list[Change]:
+    """One-object changes from `base`: each with its successor state (for `sync`)
+    and the change there and back (for `update`)."""
     rnd = random.Random(7)
     n = len(base.pods)
     newpod = make_pods(n + 1, rnd)[-1]
     # a new pod on this node, selected by the same policies as an existing local one
     local_new = replace(base.local_pods[0].pod, name="newlocal", ips=newpod.ips)
+    lp_new = LocalPod(local_new, "flknewlocal0", local_new.ips)
     target = base.local_pods[0].pod
     k = next(i for i, p in enumerate(base.policies) if p.selects(target))
     pol0 = base.policies[k]
@@ -162,21 +173,48 @@ def changes(base: PolicyInputs) -> list[tuple[str, PolicyInputs]]:
          "spec": {"podSelector": {"matchLabels": {"app": APPS[1]}},
                   "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "front"}}}]}]}}
     )  # fmt: skip
+    # a local pod relabelled (another app: other policies select it, other peer sets
+    # hold it)
+    lp0 = base.local_pods[0]
+    other = next(a for a in APPS if a != target.labels["app"])
+    relabelled = replace(target, labels={**target.labels, "app": other})
+    lp_rel = LocalPod(relabelled, lp0.ifname, lp0.ips)
+    gone = base.pods[1]
     return [
-        ("add remote pod", replace(base, pods=[*base.pods, newpod])),
+        (
+            "add remote pod",
+            replace(base, pods=[*base.pods, newpod]),
+            PolicyChanges(pods={newpod.key: newpod}),
+            PolicyChanges(pods={newpod.key: None}),
+        ),
         (
             "add local pod",
+            replace(base, pods=[*base.pods, local_new], local_pods=[*base.local_pods, lp_new]),
+            PolicyChanges(pods={local_new.key: local_new}, local_pods={lp_new.ifname: lp_new}),
+            PolicyChanges(pods={local_new.key: None}, local_pods={lp_new.ifname: None}),
+        ),
+        (
+            "relabel local pod",
             replace(
                 base,
-                pods=[*base.pods, local_new],
-                local_pods=[*base.local_pods, LocalPod(local_new, "flknewlocal0", local_new.ips)],
+                pods=[relabelled if p is target else p for p in base.pods],
+                local_pods=[lp_rel, *base.local_pods[1:]],
             ),
+            PolicyChanges(pods={target.key: relabelled}, local_pods={lp0.ifname: lp_rel}),
+            PolicyChanges(pods={target.key: target}, local_pods={lp0.ifname: lp0}),
         ),
         (
             "change one policy",
             replace(base, policies=[*base.policies[:k], changed, *base.policies[k + 1 :]]),
+            PolicyChanges(policies={pol0.key: changed}),
+            PolicyChanges(policies={pol0.key: pol0}),
         ),
-        ("delete one pod", replace(base, pods=[base.pods[0], *base.pods[2:]])),
+        (
+            "delete one pod",
+            replace(base, pods=[base.pods[0], *base.pods[2:]]),
+            PolicyChanges(pods={gone.key: None}),
+            PolicyChanges(pods={gone.key: gone}),
+        ),
     ]
 
 
@@ -192,6 +230,7 @@ def bench_sync(
     rs = compile_inputs(base)
     out["counts"] = rs.summary()
     out["script_kb"] = len(render_full(rs)) // 1024
+    del rs
     full: list[float] = []
     full_parts: list[tuple[float, float]] = []
     for _ in range(repeat):
@@ -199,22 +238,31 @@ def bench_sync(
         full.append(timed(lambda e=eng: e.sync(base)))  # type: ignore[misc]
         st = eng.status()
         full_parts.append((st["last_compile_s"], st["last_apply_s"]))
+        del eng
     out["times"] = {"full sync": full}
     out["parts"] = {"full sync": full_parts}
     eng = PolicyEngine(nft)
     eng.sync(base)
-    for name, nxt in changes(base):
-        ts: list[float] = []
-        parts: list[tuple[float, float]] = []
-        for _ in range(repeat):
-            ts.append(timed(lambda n=nxt: eng.sync(n)))  # type: ignore[misc]
-            st = eng.status()
-            parts.append((st["last_compile_s"], st["last_apply_s"]))
-            eng.sync(base)
-        out["times"][name] = ts
-        out["parts"][name] = parts
+    gc.collect()
+    out["rss_mb"] = rss_mb()  # holding the state and its applied ruleset, nothing else
+    for name, nxt, fwd, back in changes(base):
+        for how in ("sync", "update"):
+            ts: list[float] = []
+            parts: list[tuple[float, float]] = []
+            for _ in range(repeat):
+                if how == "sync":
+                    ts.append(timed(lambda n=nxt: eng.sync(n)))  # type: ignore[misc]
+                else:
+                    ts.append(timed(lambda c=fwd: eng.update(c)))  # type: ignore[misc]
+                st = eng.status()
+                parts.append((st["last_compile_s"], st["last_apply_s"]))
+                if how == "sync":
+                    eng.sync(base)
+                else:
+                    eng.update(back)
+            out["times"][f"{name} ({how})"] = ts
+            out["parts"][f"{name} ({how})"] = parts
     out["full_syncs"] = eng.status()["full_syncs"]  # 1: every change went in incrementally
-    out["rss_mb"] = rss_mb()
     delete_table(nft)
     return out
 
@@ -455,6 +503,11 @@ def main() -> None:
     )
     ap.add_argument("--skip-iperf", action="store_true")
     ap.add_argument("--skip-sync", action="store_true")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="sync cases to run, e.g. 1000:lib,110:cli (local pods:nft); default all",
+    )
     args = ap.parse_args()
     if args.inner:
         local, kind, rep, n_pods, n_pol = args.inner
@@ -463,13 +516,12 @@ def main() -> None:
     if os.geteuid() != 0:
         sys.exit("bench_policy: needs root (creates network namespaces)")
     rows = []
-    for pods, pols, local in (
-        () if args.skip_sync else ((10_000, 1_000, 110), (10_000, 1_000, 1000))
-    ):
-        for kind in ("cli", "lib"):
+    cases = [(10_000, 1_000, local, kind) for local in (110, 1000) for kind in ("cli", "lib")]
+    cases.append((500, 50, 20, "lib"))  # a small cluster, for the ADD latency a typical node sees
+    only = {tuple(c.split(":")) for c in args.only.split(",") if c}
+    for pods, pols, local, kind in () if args.skip_sync else cases:
+        if not only or (str(local), kind) in only:
             rows.append(in_netns([str(local), kind, str(args.repeat), str(pods), str(pols)]))
-    if not args.skip_sync:  # a small cluster, for the ADD latency a typical node sees
-        rows.append(in_netns(["20", "lib", str(args.repeat), "500", "50"]))
     if rows:
         load = os.getloadavg()
         print(
@@ -477,7 +529,10 @@ def main() -> None:
             "runs; "
             f"load average {load[0]:.1f} on {os.cpu_count()} CPUs"
         )
-        print("targets: full < 1000 ms, incremental < 50 ms, RSS < 150 MB")
+        print(
+            "targets (10k x 1k, 1000 local): full <= 400 ms, one pod or policy change <= 5 ms, "
+            "RSS < 150 MB; (sync): the whole view diffed by identity, (update): the changes only"
+        )
         for r in rows:
             c = r["counts"]
             print(
@@ -491,7 +546,7 @@ def main() -> None:
                 comp = statistics.median(p[0] for p in r["parts"][name])
                 appl = statistics.median(p[1] for p in r["parts"][name])
                 print(
-                    f"  {name:<18} {statistics.median(ts) * 1e3:7.1f} ms ({min(ts) * 1e3:6.1f})"
+                    f"  {name:<27} {statistics.median(ts) * 1e3:7.1f} ms ({min(ts) * 1e3:6.1f})"
                     f"   = compile {comp * 1e3:6.1f} + nft {appl * 1e3:6.1f}"
                 )
         print("\n(RSS: the whole process holding the 10k-pod/1k-policy state and its ruleset)")

@@ -879,20 +879,25 @@ def test_engine_full_then_incremental_then_fallback_and_failure() -> None:
     engine.sync(PolicyInputs(local_pods=lps, pods=no_cli, namespaces=NSS, policies=[deny]))
     assert "delete table" in nft.scripts[-1]
     assert engine.status()["full_syncs"] == 2 and engine.status()["last_error"] is None
-    # everything refused: sync raises, the error is reported, nothing counts as applied
+    # everything refused: sync raises, the error is reported, the engine no longer
+    # claims to know the kernel's state, and the next sync replaces the table
     nft.refuse = lambda script: True
-    before = engine.applied
     with pytest.raises(NftError):
         engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS))
-    assert engine.applied is before
+    assert engine.applied is None
     assert engine.status()["last_error"] == "apply: refused"
-    # rejected policies are reported, not enforced
     nft.refuse = lambda script: False
+    engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS))
+    assert "delete table" in nft.scripts[-1] and engine.status()["full_syncs"] == 3
+    assert engine.applied == compile_inputs(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS))
+    # a rejected policy given only by its reason is reported and fails closed on its
+    # whole namespace (what it selects is unknown), in both directions
     engine.sync(
         PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, rejected={("a", "x"): "bad"})
     )
     assert engine.status()["rejected_policies"] == {"a/x": "bad"}
-    assert engine.status()["ingress_isolated"] == 0
+    assert engine.status()["fail_closed"] == {"a/x": ["Egress", "Ingress"]}
+    assert engine.status()["ingress_isolated"] == engine.status()["egress_isolated"] == 1
 
 
 def test_except_equal_to_cidr_matches_nothing() -> None:
@@ -924,11 +929,11 @@ def test_compiler_indexes_do_not_grow_with_label_churn() -> None:
         )
 
     baseline = compiler.compile(state([]))
-    sizes = (len(compiler._by_label), len(compiler._by_ns), len(compiler._named))
+    sizes = (len(compiler._infos), len(compiler._by_ns), len(compiler._named))
     for round_ in range(3):
         extra = [
             mkpod("a", f"r{round_}x{i}", 100 + i, {"hash": f"h{round_}"}, [WEB]) for i in range(5)
         ]
         assert compiler.compile(state(extra)) != baseline
     assert compiler.compile(state([])) == baseline
-    assert (len(compiler._by_label), len(compiler._by_ns), len(compiler._named)) == sizes
+    assert (len(compiler._infos), len(compiler._by_ns), len(compiler._named)) == sizes

@@ -7,10 +7,11 @@ every transaction (the venv cannot import Debian's python3-nftables, which is th
 same ctypes wrapper). Only table `inet flock` is ever named: other tables are never
 read, flushed or deleted.
 
-`PolicyEngine.sync(inputs)` compiles the desired ruleset and applies the smallest
-transaction from what it last applied; on the first call, or if an incremental
-transaction is refused (someone changed our table behind our back), it replaces
-the whole table in one transaction. A sync that fails leaves the kernel as it was
+`PolicyEngine.sync(inputs)` (the whole view) or `.update(changes)` (only what
+changed) feeds the incremental compiler and applies the delta it hands out as one
+transaction; on the first call, or if an incremental transaction is refused
+(someone changed our table behind our back), it replaces the whole table in one
+transaction. A sync that fails leaves the kernel as it was
 (nft transactions are all-or-nothing) and raises, so a caller such as CNI ADD
 never proceeds without the rules in place.
 """
@@ -22,18 +23,22 @@ import logging
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flock.compile.policy import (
     FAMILY,
     TABLE,
+    Delta,
+    PolicyChanges,
     PolicyCompiler,
     PolicyInputs,
     Ruleset,
+    render_delta,
     render_full,
-    render_update,
 )
+from flock.model.policy import RejectedPolicy
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +163,9 @@ class PolicyStatus:
     last_compile_s: float | None = None
     last_apply_s: float | None = None
     last_error: str | None = None
+    # "ns/name" -> why it did not parse; "ns/name" -> directions it isolates meanwhile
     rejected_policies: dict[str, str] = field(default_factory=dict)
+    fail_closed: dict[str, list[str]] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -171,91 +178,144 @@ class PolicyStatus:
             "last_apply_s": self.last_apply_s,
             "last_error": self.last_error,
             "rejected_policies": dict(self.rejected_policies),
+            "fail_closed": {k: list(v) for k, v in self.fail_closed.items()},
             **self.counts,
         }
+
+
+class PolicyResyncNeeded(RuntimeError):
+    """`update` cannot proceed: the engine lost its view (a compile failed half-way)
+    and needs the whole view again through `sync`."""
 
 
 class PolicyEngine:
     """Keeps table inet flock equal to the policy compiled from the inputs.
 
-    `sync` is idempotent, thread-safe and synchronous: when it returns, the kernel
-    enforces `inputs`; when it raises, the kernel still enforces the previous state.
+    Two ways in, same result: `sync(inputs)` takes the whole view (diffed against
+    the previous one by object identity); `update(changes)` takes only what changed
+    (O(change): the agent's path when its datastore says which objects changed).
+    Both are thread-safe and synchronous: when they return, the kernel enforces
+    the new state; when they raise, the kernel still enforces the previous one, and
+    the next call replaces the whole table.
     """
 
     def __init__(self, nft: Nft) -> None:
         self.nft = nft
         self._lock = threading.Lock()  # one sync at a time
         self._status_lock = threading.Lock()  # status() never waits for a sync
-        self._applied: Ruleset | None = None
         self._compiler = PolicyCompiler()
+        self._in_kernel = False  # the kernel holds what the compiler last handed out
+        self._lost_view = False  # the compiler was reset: only sync() can go on
         self._status = PolicyStatus()
+        self._rejected: dict[tuple[str, str], RejectedPolicy] = {}
 
     @property
     def applied(self) -> Ruleset | None:
-        return self._applied
+        """The ruleset in the kernel (as far as this engine knows), built on demand."""
+        with self._lock:
+            return self._compiler.ruleset() if self._in_kernel else None
+
+    def rejected(self) -> dict[tuple[str, str], RejectedPolicy]:
+        """Policies that did not parse and are enforced fail-closed: (namespace, name)
+        -> the stand-in, with `reason` and `policy_types` (what an Event on the
+        policy should say)."""
+        with self._status_lock:
+            return dict(self._rejected)
 
     def sync(self, inputs: PolicyInputs, *, full: bool = False) -> None:
+        """Make the kernel enforce `inputs` (the whole view)."""
         with self._lock:
-            t0 = time.perf_counter()
-            rejected = {f"{ns}/{name}": msg for (ns, name), msg in sorted(inputs.rejected.items())}
-            for key, msg in rejected.items():
-                if self._status.rejected_policies.get(key) != msg:
-                    log.warning("NetworkPolicy %s rejected, not enforced: %s", key, msg)
-            with self._status_lock:
-                self._status.rejected_policies = rejected
-            try:
-                desired = self._compiler.compile(inputs)
-            except Exception as exc:
-                self._compiler = PolicyCompiler()  # its caches may be half-updated
-                self._fail(f"compile: {exc}")
-                log.exception("policy compile failed; kernel keeps the previous ruleset")
-                raise
-            t1 = time.perf_counter()
-            try:
-                full_done = self._apply(desired, full=full)
-            except Exception as exc:  # NftError, or nft not runnable / timed out
-                self._fail(f"apply: {exc}")
-                log.error("policy apply failed; kernel keeps the previous ruleset: %s", exc)
-                raise
-            t2 = time.perf_counter()
-            counts = desired.summary()
-            with self._status_lock:
-                st = self._status
-                st.syncs += 1
-                st.full_syncs += full_done
-                st.last_sync = time.time()
-                st.last_compile_s = t1 - t0
-                st.last_apply_s = t2 - t1
-                st.last_duration_s = t2 - t0
-                st.last_error = None
-                st.counts = counts
+            self._run(lambda c: c.load(inputs), full=full)
+            self._lost_view = False
+
+    def update(self, changes: PolicyChanges, *, full: bool = False) -> None:
+        """Make the kernel enforce the previous view plus `changes`."""
+        with self._lock:
+            if self._lost_view:
+                raise PolicyResyncNeeded("policy engine needs the whole view (sync)")
+            self._run(lambda c: c.apply(changes), full=full)
+
+    def _run(self, change: Callable[[PolicyCompiler], None], *, full: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            change(self._compiler)
+            delta = self._compiler.take_delta()
+        except Exception as exc:
+            self._compiler = PolicyCompiler()  # its state may be half-updated
+            self._in_kernel = False
+            self._lost_view = True
+            self._fail(f"compile: {exc}")
+            log.exception("policy compile failed; kernel keeps the previous ruleset")
+            raise
+        t1 = time.perf_counter()
+        try:
+            full_done = self._apply(delta, full=full)
+        except Exception as exc:  # NftError, or nft not runnable / timed out
+            self._fail(f"apply: {exc}")
+            log.error("policy apply failed; kernel keeps the previous ruleset: %s", exc)
+            raise
+        t2 = time.perf_counter()
+        self._report(t0, t1, t2, full_done)
+
+    def _report(self, t0: float, t1: float, t2: float, full_done: bool) -> None:
+        rejected = self._compiler.rejected()
+        if rejected != self._rejected:
+            for key, pol in sorted(rejected.items()):
+                if self._rejected.get(key) != pol:
+                    log.warning(
+                        "NetworkPolicy %s/%s rejected; the pods it may select are isolated "
+                        "for %s until it is fixed: %s",
+                        *key,
+                        "+".join(sorted(pol.policy_types)),
+                        pol.reason,
+                    )
+        counts = self._compiler.summary()
+        with self._status_lock:
+            st = self._status
+            self._rejected = rejected
+            st.rejected_policies = {
+                f"{ns}/{n}": p.reason for (ns, n), p in sorted(rejected.items())
+            }
+            st.fail_closed = {
+                f"{ns}/{n}": sorted(p.policy_types) for (ns, n), p in sorted(rejected.items())
+            }
+            st.syncs += 1
+            st.full_syncs += full_done
+            st.last_sync = time.time()
+            st.last_compile_s = t1 - t0
+            st.last_apply_s = t2 - t1
+            st.last_duration_s = t2 - t0
+            st.last_error = None
+            st.counts = counts
 
     def _fail(self, msg: str) -> None:
         with self._status_lock:
             self._status.last_error = msg
 
-    def _apply(self, desired: Ruleset, *, full: bool) -> bool:
-        """Put `desired` in the kernel; True if that took a full table replace."""
-        old = self._applied
-        if old is not None and not full:
-            script = render_update(old, desired)
+    def _apply(self, delta: Delta, *, full: bool) -> bool:
+        """Put the compiler's state in the kernel; True if that took a full table
+        replace. The delta is the change from what the kernel holds, as long as
+        every earlier one went in; otherwise (first call, a refused transaction)
+        the whole table is replaced."""
+        if self._in_kernel and not full:
+            script = render_delta(delta)
             if not script:
                 return False
             try:
                 self.nft.run(script)
-                self._applied = desired
                 return False
             except NftError as exc:
                 log.warning("incremental policy update refused (%s); replacing the table", exc)
-        self.nft.run(render_full(desired))
-        self._applied = desired
+        self._in_kernel = False
+        self.nft.run(render_full(self._compiler.ruleset()))
+        self._in_kernel = True
         return True
 
     def remove(self) -> None:
         """Delete our table (agent uninstall); nothing else is touched."""
         with self._lock:
             delete_table(self.nft)
-            self._applied = None
+            self._in_kernel = False
 
     def status(self) -> dict[str, Any]:
         with self._status_lock:

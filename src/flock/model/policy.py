@@ -5,6 +5,12 @@ selector, CIDR, port and protocol is checked here once, and a bad policy is
 rejected as a whole with an error naming the field path (`spec.ingress[0].from[1]
 .ipBlock.except[0]: ...`), so that it is reported and never half-applied.
 
+A policy the API server accepted but that does not parse here (a field or value
+this version does not know) must not leave its pods open: `parse_policy` turns it
+into a `RejectedPolicy`, which keeps just enough of it (its namespace, as much of
+its podSelector and policyTypes as can be read) for the compiler to isolate the
+pods it may select, in the directions it may cover, until it parses (fail closed).
+
 The semantics of each construct (what an empty selector, an empty `from` or an
 omitted `policyTypes` means) are Kubernetes' and are spelled out next to the
 code that carries them.
@@ -145,6 +151,81 @@ class NetworkPolicy:
     def from_object(cls, obj: Mapping[str, Any]) -> NetworkPolicy:
         """Parse a NetworkPolicy object (dict shape); raises PolicyError naming the field."""
         return _parse_policy(obj)
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedPolicy:
+    """A NetworkPolicy that could not be parsed, kept only to fail closed.
+
+    It selects what its podSelector selects when that part parses, else every pod
+    of its namespace; it isolates in the directions of its policyTypes when those
+    parse (Kubernetes' defaults when absent), else in both. It allows nothing: the
+    pods it selects get only what the valid policies selecting them allow.
+    """
+
+    namespace: str
+    name: str
+    reason: str
+    pod_selector: LabelSelector | None = None  # None: could not be read (whole namespace)
+    policy_types: frozenset[PolicyType] = frozenset({"Ingress", "Egress"})
+
+    # What the compiler reads from a policy: no rules.
+    ingress: tuple[Rule, ...] = ()
+    egress: tuple[Rule, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+    def selects(self, pod: Pod) -> bool:
+        if pod.namespace != self.namespace:
+            return False
+        return self.pod_selector is None or self.pod_selector.matches(pod.labels)
+
+    @classmethod
+    def from_object(
+        cls, obj: Any, reason: str, key: tuple[str, str] | None = None
+    ) -> RejectedPolicy:
+        """Read what can be read of a policy that did not parse. `key` (namespace,
+        name) is used when the object's metadata cannot be read."""
+        meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+        meta = meta if isinstance(meta, Mapping) else {}
+        ns, name = key if key is not None else ("default", "?")
+        if isinstance(meta.get("namespace"), str) and meta["namespace"]:
+            ns = meta["namespace"]
+        if isinstance(meta.get("name"), str) and meta["name"]:
+            name = meta["name"]
+        spec = obj.get("spec") if isinstance(obj, Mapping) else None
+        spec = spec if isinstance(spec, Mapping) else {}
+        selector: LabelSelector | None
+        try:
+            selector = parse_selector(spec.get("podSelector"), "spec.podSelector")
+        except PolicyError:
+            selector = None
+        types: frozenset[PolicyType] = frozenset({"Ingress", "Egress"})
+        raw = spec.get("policyTypes")
+        if raw is None or raw == []:
+            egress = spec.get("egress")
+            types = frozenset({"Ingress", "Egress"} if egress else {"Ingress"})
+            if egress is not None and not isinstance(egress, list):
+                types = frozenset({"Ingress", "Egress"})  # unreadable: both
+        elif isinstance(raw, list) and raw and all(t in ("Ingress", "Egress") for t in raw):
+            types = frozenset(raw)
+        return cls(
+            namespace=ns, name=name, reason=reason, pod_selector=selector, policy_types=types
+        )
+
+
+AnyPolicy = NetworkPolicy | RejectedPolicy
+
+
+def parse_policy(obj: Mapping[str, Any], key: tuple[str, str] | None = None) -> AnyPolicy:
+    """A NetworkPolicy, or, if it does not parse, the `RejectedPolicy` that stands in
+    for it (fail closed); never raises for a policy object."""
+    try:
+        return NetworkPolicy.from_object(obj)
+    except PolicyError as exc:
+        return RejectedPolicy.from_object(obj, str(exc), key)
 
 
 def parse_policies(
