@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import textwrap
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from echo import ECHO_SERVER
+from echo import ECHO_SERVER, PROBE
 
 from flock.apply.datapath import host_veth_name
 from flock.testbed import netns
@@ -44,37 +43,6 @@ ECHO_TIMEOUT = 30.0  # once connected: the echo server may be slow to run, never
 WAIT = 60.0  # deadline for the agent to apply a policy change (not an expectation)
 
 SPEC: dict[str, Any] = {"cidr6": ["2001:db8:f0a1::/64"], "cidr4": ["10.61.0.0/24"]}
-
-# One attempt per target, all targets at once: "ok", "timeout" or the error's name.
-PROBE = textwrap.dedent(
-    """
-    import json, socket, sys
-    from concurrent.futures import ThreadPoolExecutor
-    timeout, echo_timeout = float(sys.argv[1]), float(sys.argv[2])
-    def probe(item):
-        addr, port = item
-        fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            try:
-                s.connect((addr, port))
-            except socket.timeout:
-                return "timeout"
-            except OSError as e:
-                return type(e).__name__
-            s.settimeout(echo_timeout)
-            try:
-                s.send(b"x")
-                return "ok" if s.recv(16) == b"ok:x" else "bad-reply"
-            except socket.timeout:
-                return "echo-timeout"
-            except OSError as e:
-                return "echo-" + type(e).__name__
-    items = json.load(sys.stdin)
-    with ThreadPoolExecutor(max_workers=max(1, len(items))) as ex:
-        print(json.dumps(list(ex.map(probe, items))))
-    """
-)
 
 
 @dataclass
@@ -170,7 +138,7 @@ def probe(
             str(timeout),
             str(ECHO_TIMEOUT),
         ],
-        input=json.dumps([list(t) for t in targets]).encode(),
+        input=json.dumps([[addr, "tcp", port] for addr, port in targets]).encode(),
         capture_output=True,
         timeout=ECHO_TIMEOUT + 60,
         check=True,
