@@ -38,7 +38,7 @@ from flock.apply.datapath import Datapath, PodNetSpec
 from flock.apply.nft import NftCli, PolicyEngine, table_text
 from flock.compile.policy import LocalPod, PolicyInputs
 from flock.model.pod import ContainerPort, Namespace, Pod
-from flock.model.policy import NetworkPolicy
+from flock.model.policy import AnyPolicy, NetworkPolicy, RejectedPolicy, parse_policy
 from flock.testbed import netns
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -181,7 +181,7 @@ class Cluster:
     def by_name(self, name: str) -> Endpoint:
         return next(e for e in self.eps if e.name == name)
 
-    def inputs(self, node: int, policies: Sequence[NetworkPolicy]) -> PolicyInputs:
+    def inputs(self, node: int, policies: Sequence[AnyPolicy]) -> PolicyInputs:
         pods = [e.pod() for e in self.eps if e.namespace]
         local = [
             LocalPod(e.pod(), e.host_ifname, (e.v6, e.v4))
@@ -190,7 +190,7 @@ class Cluster:
         ]
         return PolicyInputs(local_pods=local, pods=pods, namespaces=NAMESPACES, policies=policies)
 
-    def apply(self, policies: Sequence[NetworkPolicy]) -> None:
+    def apply(self, policies: Sequence[AnyPolicy]) -> None:
         for i, eng in enumerate(self.engines):
             eng.sync(self.inputs(i, policies))
 
@@ -744,3 +744,34 @@ def test_pod_joining_and_leaving_an_interval_set(fresh: Cluster) -> None:
     finally:
         web.labels = saved
     assert [eng.status()["full_syncs"] for eng in fresh.engines] == full_before
+
+
+def test_policy_that_does_not_parse_isolates_what_it_selects(fresh: Cluster) -> None:
+    """Fail closed: an ingress policy for alpha/web whose ipBlock flock cannot read
+    (`010.51.0.0/16`, leading zero) drops everything to alpha/web (its selector and
+    policyTypes still parse) and touches nobody else; once it parses, it is enforced
+    as written."""
+    obj: dict[str, Any] = {
+        "metadata": {"namespace": "alpha", "name": "web-from"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "010.51.0.0/16"}}]}],
+        },
+    }
+    bad = parse_policy(obj)
+    assert isinstance(bad, RejectedPolicy)
+    fresh.apply([bad])
+    for eng in fresh.engines:
+        assert "ipBlock.cidr" in eng.status()["rejected_policies"]["alpha/web-from"]
+        assert eng.status()["fail_closed"] == {"alpha/web-from": ["Ingress"]}
+    check_truth_table(fresh, [80], lambda s, d, p, n: not is_(d, "alpha/web"))
+    obj["spec"]["ingress"] = [
+        {"from": [{"ipBlock": {"cidr": "10.51.0.0/16"}}, {"ipBlock": {"cidr": "fd51::/16"}}]}
+    ]
+    fixed = parse_policy(obj)
+    assert isinstance(fixed, NetworkPolicy)
+    fresh.apply([fixed])
+    assert all(not eng.status()["rejected_policies"] for eng in fresh.engines)
+    check_truth_table(
+        fresh, [80], lambda s, d, p, n: not is_(d, "alpha/web") or s.namespace is not None
+    )

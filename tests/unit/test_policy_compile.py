@@ -19,24 +19,29 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flock.apply.nft import NftError, PolicyEngine
+from flock.apply.nft import NftError, PolicyEngine, PolicyResyncNeeded
 from flock.compile.policy import (
     LocalPod,
     NftSet,
+    PolicyChanges,
     PolicyCompiler,
     PolicyInputs,
     Ruleset,
     compile_inputs,
+    render_delta,
     render_full,
     render_update,
 )
 from flock.model.pod import ContainerPort, Namespace, Pod
 from flock.model.policy import (
+    AnyPolicy,
     NetworkPolicy,
     PolicyError,
+    RejectedPolicy,
     Rule,
     namespace_labels,
     parse_policies,
+    parse_policy,
 )
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -135,7 +140,7 @@ def forward(rs: Ruleset, pkt: Packet) -> bool:
 # The oracle: Kubernetes' rules, written directly
 
 
-def _peer_ok(rule: Rule, pol: NetworkPolicy, ip: IP, peer_pod: Pod | None, nss: Any) -> bool:
+def _peer_ok(rule: Rule, pol: AnyPolicy, ip: IP, peer_pod: Pod | None, nss: Any) -> bool:
     if rule.peers is None:
         return True
     for peer in rule.peers:
@@ -174,7 +179,7 @@ def _port_ok_k8s(rule: Rule, proto: str, port: int, dst_pod: Pod | None) -> bool
 
 
 def oracle(
-    policies: Sequence[NetworkPolicy],
+    policies: Sequence[AnyPolicy],
     nss: Mapping[str, Namespace],
     src: Pod | None,
     src_ip: IP,
@@ -250,7 +255,7 @@ def ifname(p: Pod) -> str:
     return f"v{p.namespace}{p.name}"
 
 
-def check_all(policies: Sequence[NetworkPolicy], local: Sequence[Pod] = tuple(PODS)) -> int:
+def check_all(policies: Sequence[AnyPolicy], local: Sequence[Pod] = tuple(PODS)) -> int:
     """Compare evaluator and oracle for every (src, dst, family, proto, port). Returns
     the number of allowed cases so tests can also assert something was allowed."""
     lps = [LocalPod(p, ifname(p), p.ips) for p in local]
@@ -650,10 +655,16 @@ def test_compiled_ruleset_equals_kubernetes_semantics(
 
 def _apply_update(old: Ruleset, new: Ruleset) -> Ruleset:
     """Replay render_update's element and chain commands on a copy of `old`."""
+    return _replay(old, render_update(old, new), new)
+
+
+def _replay(old: Ruleset, script: str, new: Ruleset) -> Ruleset:
+    """Interpret an incremental nft script's commands on a copy of `old` (set
+    declarations are taken from `new` or `old`: the script's types are not parsed)."""
     sets = {k: set(v.elements) for k, v in old.sets.items()}
     chains = {k: list(v) for k, v in old.chains.items()}
     maps = {"ingress": dict(old.ingress), "egress": dict(old.egress)}
-    for line in render_update(old, new).splitlines():
+    for line in script.splitlines():
         words = line.split()
         verb, obj = words[0], words[1]
         name = words[4] if len(words) > 4 else ""
@@ -937,3 +948,300 @@ def test_compiler_indexes_do_not_grow_with_label_churn() -> None:
         assert compiler.compile(state(extra)) != baseline
     assert compiler.compile(state([])) == baseline
     assert (len(compiler._infos), len(compiler._by_ns), len(compiler._named)) == sizes
+
+
+# ---------------------------------------------------------------------------
+# Changes one at a time: PolicyCompiler.apply / take_delta, PolicyEngine.update
+
+# The pod universe of the change sequences: PODS, a pod sharing web's addresses
+# in namespace b (two pods, one address: element counts), a pod with no address,
+# a hostNetwork pod (never a peer, never compiled).
+EXTRA = [
+    replace(mkpod("b", "twin", 1, {"app": "db"}, [ContainerPort(7070, "TCP", "http")])),
+    Pod(namespace="a", name="noip", labels={"app": "web"}),
+    replace(mkpod("a", "host", 20, {"app": "web"}), host_network=True),
+]
+UNIVERSE = [*PODS, *EXTRA]
+
+_op = st.one_of(
+    # pod i: deleted (None), relabelled (labels), or back to its original (True)
+    st.tuples(st.just("pod"), st.integers(0, len(UNIVERSE) - 1),
+              st.one_of(st.none(), _labels, st.just(True))),
+    # pod i on this node or not
+    st.tuples(st.just("local"), st.integers(0, len(UNIVERSE) - 1), st.booleans()),
+    # policy slot i: gone, a spec, or a spec that failed to parse (its stand-in)
+    st.tuples(st.just("policy"), st.integers(0, 3),
+              st.one_of(st.none(), st.tuples(st.sampled_from(["a", "b"]), _spec, st.booleans()))),
+    # namespace b: labels, or gone
+    st.tuples(st.just("ns"), st.just("b"),
+              st.one_of(st.none(), st.sampled_from([{"team": "red"}, {"team": "blue"}, {}]))),
+)  # fmt: skip
+
+
+class _World:
+    """The cluster as a sequence of changes leaves it, as full inputs and as changes."""
+
+    def __init__(self) -> None:
+        self.pods: dict[int, Pod] = dict(enumerate(UNIVERSE))
+        self.local: set[int] = {0, 2, 6}
+        self.lps: dict[int, LocalPod] = {}
+        self.policies: dict[int, AnyPolicy] = {}
+        self.nss: dict[str, Namespace] = dict(NSS)
+
+    def lp(self, i: int) -> LocalPod:
+        pod = self.pods[i]
+        hit = self.lps.get(i)
+        if hit is None or hit.pod is not pod:
+            hit = self.lps[i] = LocalPod(pod, f"v{i}", pod.ips)
+        return hit
+
+    def inputs(self) -> PolicyInputs:
+        good = [p for p in self.policies.values() if isinstance(p, NetworkPolicy)]
+        bad = {p.key: p for p in self.policies.values() if isinstance(p, RejectedPolicy)}
+        return PolicyInputs(
+            local_pods=[self.lp(i) for i in sorted(self.local) if i in self.pods],
+            pods=list(self.pods.values()),
+            namespaces=dict(self.nss),
+            policies=good,
+            rejected=bad,
+        )
+
+    def change(self, op: tuple[Any, ...]) -> PolicyChanges:
+        kind, i, arg = op
+        if kind == "pod":
+            base = UNIVERSE[i]
+            old = self.pods.get(i)
+            if arg is None:
+                self.pods.pop(i, None)
+            else:
+                self.pods[i] = base if arg is True else replace(base, labels=arg)
+            new = self.pods.get(i)
+            locals_: dict[str, LocalPod | None] = {}
+            if i in self.local and (old is not None or new is not None):
+                locals_[f"v{i}"] = self.lp(i) if new is not None else None
+            return PolicyChanges(pods={base.key: new}, local_pods=locals_)
+        if kind == "local":
+            (self.local.add if arg else self.local.discard)(i)
+            if i not in self.pods:
+                return PolicyChanges()
+            return PolicyChanges(local_pods={f"v{i}": self.lp(i) if arg else None})
+        if kind == "policy":
+            old_pol = self.policies.pop(i, None)
+            gone: dict[tuple[str, str], AnyPolicy | None] = {}
+            if old_pol is not None:
+                gone[old_pol.key] = None
+            if arg is not None:
+                ns, spec, broken = arg
+                obj = {"metadata": {"namespace": ns, "name": f"p{i}"}, "spec": spec}
+                new_pol: AnyPolicy = (
+                    RejectedPolicy.from_object(obj, "broken") if broken else parse_policy(obj)
+                )
+                self.policies[i] = new_pol
+                gone[new_pol.key] = new_pol
+            return PolicyChanges(policies=gone)
+        if arg is None:
+            self.nss.pop(i, None)
+            return PolicyChanges(namespaces={i: None})
+        ns_obj = Namespace.from_object({"metadata": {"name": i, "labels": arg}})
+        self.nss[i] = ns_obj
+        return PolicyChanges(namespaces={i: ns_obj})
+
+
+def _same_state(got: Ruleset, want: Ruleset) -> None:
+    assert {k: v.elements for k, v in got.sets.items()} == {
+        k: v.elements for k, v in want.sets.items()
+    }
+    assert dict(got.chains) == dict(want.chains)
+    assert dict(got.ingress) == dict(want.ingress) and dict(got.egress) == dict(want.egress)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.lists(_op, min_size=1, max_size=4), st.sampled_from(["apply", "load"])),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_changes_in_any_order_equal_a_fresh_compile(
+    steps: list[tuple[list[tuple[Any, ...]], str]],
+) -> None:
+    """The key property of the incremental compiler: after any sequence of pod,
+    local-pod, policy (valid or rejected) and namespace changes, given one by one
+    (`apply`) or as whole views (`load`), its state equals a fresh compile of the
+    final view, and the deltas it handed out, replayed as nft commands from the
+    first state, reach that state."""
+    world = _World()
+    compiler = PolicyCompiler()
+    kernel = compiler.compile(world.inputs())
+    assert kernel == compile_inputs(world.inputs())
+    for ops, how in steps:
+        batch = [world.change(op) for op in ops]
+        if how == "apply":
+            for ch in batch:
+                compiler.apply(ch)
+        else:
+            compiler.load(world.inputs())
+        before = kernel
+        delta = compiler.take_delta()
+        kernel = compiler.ruleset()
+        fresh = compile_inputs(world.inputs())
+        assert kernel == fresh
+        _same_state(_replay(before, render_delta(delta), kernel), kernel)
+        assert compiler.summary() == kernel.summary()
+        assert not compiler.take_delta()  # nothing left over
+    assert set(compiler.rejected()) == {
+        p.key for p in world.policies.values() if isinstance(p, RejectedPolicy)
+    }
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    specs=st.lists(
+        st.tuples(st.sampled_from(["a", "b"]), _spec, st.booleans()), min_size=1, max_size=3
+    )
+)
+def test_rejected_policies_isolate_and_allow_nothing(
+    specs: list[tuple[str, dict[str, Any], bool]],
+) -> None:
+    """A policy that failed to parse acts as a policy with its selector and
+    policyTypes and no rules: the pods it selects are isolated in its directions
+    and get only what the valid policies selecting them allow (Kubernetes' rules,
+    by the oracle)."""
+    policies = []
+    for i, (ns, spec, broken) in enumerate(specs):
+        obj = {"metadata": {"namespace": ns, "name": f"p{i}"}, "spec": spec}
+        policies.append(RejectedPolicy.from_object(obj, "broken") if broken else parse_policy(obj))
+    check_all(policies, local=PODS[::2])
+
+
+def test_bad_ipblock_policy_fails_closed_on_what_it_selects() -> None:
+    web_bad: dict[str, Any] = {
+        "metadata": {"namespace": "a", "name": "web-bad"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "010.1.0.0/16"}}]}],
+        },
+    }
+    bad = parse_policy(web_bad)
+    assert isinstance(bad, RejectedPolicy) and "ipBlock.cidr" in bad.reason
+    assert bad.policy_types == {"Ingress"} and bad.pod_selector is not None
+    lps = [LocalPod(x, ifname(x), x.ips) for x in PODS]
+    rs = compile_inputs(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, policies=[bad]))
+    web, cli, db = PODS[0], PODS[2], PODS[1]
+    # web: nothing comes in, its own egress is untouched; the others are not isolated
+    assert set(rs.ingress) == {"vaweb"} and not rs.egress
+    assert not forward(rs, Packet(cli.ips[0], web.ips[0], "tcp", 8080, iif="vacli", oif="vaweb"))
+    assert forward(rs, Packet(web.ips[0], db.ips[0], "tcp", 5432, iif="vaweb", oif="vadb"))
+    assert forward(rs, Packet(cli.ips[0], db.ips[0], "tcp", 5432, iif="vacli", oif="vadb"))
+    # a valid policy beside it still allows what it allows
+    cli_sel = {"podSelector": {"matchLabels": {"app": "cli"}}}
+    allow = pol("a", "allow-cli", {"podSelector": {"matchLabels": {"app": "web"}},
+                                   "ingress": [{"from": [cli_sel]}]})  # fmt: skip
+    check_all([bad, allow])
+    # fixed: the same key now parses, and only what it says holds
+    fixed = parse_policy({**web_bad, "spec": {**web_bad["spec"], "ingress": [
+        {"from": [{"ipBlock": {"cidr": "10.1.0.0/16"}}]}]}})  # fmt: skip
+    assert isinstance(fixed, NetworkPolicy)
+    check_all([fixed])
+
+
+def test_rejected_policy_reads_what_it_can() -> None:
+    def rej(spec: Any) -> RejectedPolicy:
+        got = parse_policy({"metadata": {"namespace": "a", "name": "x"}, "spec": spec})
+        assert isinstance(got, RejectedPolicy)
+        return got
+
+    bad_rule = {"ingress": [{"from": [{"ipBlock": {"cidr": "nope"}}]}]}
+    # an unreadable podSelector: the whole namespace
+    r = rej({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Maybe"}]}})
+    assert r.pod_selector is None and r.policy_types == {"Ingress"}
+    assert r.selects(PODS[2]) and not r.selects(PODS[4])  # a/cli yes, b/cli no
+    # policyTypes as declared, else Kubernetes' default, else both
+    assert rej({"podSelector": {}, "policyTypes": ["Egress"], **bad_rule}).policy_types == {
+        "Egress"
+    }
+    assert rej({"podSelector": {}, "egress": [{}], **bad_rule}).policy_types == {
+        "Ingress",
+        "Egress",
+    }
+    assert rej({"podSelector": {}, "policyTypes": ["Sideways"]}).policy_types == {
+        "Ingress",
+        "Egress",
+    }
+    assert rej({"podSelector": {}, "unknownField": 1}).policy_types == {"Ingress"}
+    # metadata unreadable: the key the caller knows it by
+    r2 = RejectedPolicy.from_object({"metadata": 7}, "bad", ("ns1", "p"))
+    assert r2.key == ("ns1", "p") and r2.pod_selector is not None and r2.pod_selector.empty
+
+
+def test_engine_update_applies_only_the_change() -> None:
+    nft = RecordingNft()
+    engine = PolicyEngine(nft)
+    web_only = pol(
+        "a",
+        "p",
+        {
+            "podSelector": {"matchLabels": {"app": "web"}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "cli"}}}]}],
+        },
+    )
+    lps = [LocalPod(PODS[0], "v", PODS[0].ips)]
+    engine.sync(PolicyInputs(local_pods=lps, pods=PODS, namespaces=NSS, policies=[web_only]))
+    extra = mkpod("a", "cli2", 9, {"app": "cli"})
+    engine.update(PolicyChanges(pods={extra.key: extra}))
+    assert sorted(nft.scripts[-1].splitlines()) == sorted(
+        f"add element inet flock {n} {{ {ip} }}"
+        for n, ip in (
+            (next(k for k in engine.applied.sets if k.endswith("_4")), "10.1.0.9"),  # type: ignore[union-attr]
+            (next(k for k in engine.applied.sets if k.endswith("_6")), "fd00::9"),  # type: ignore[union-attr]
+        )
+    )
+    n = len(nft.scripts)
+    engine.update(PolicyChanges(pods={("a", "nobody"): None}))  # nothing to do: no transaction
+    assert len(nft.scripts) == n
+    # a rejected policy through update: reported, its pods isolated
+    bad = RejectedPolicy("a", "bad", "spec.x: unknown field", None, frozenset({"Egress"}))
+    engine.update(PolicyChanges(policies={bad.key: bad}))
+    st_ = engine.status()
+    assert st_["rejected_policies"] == {"a/bad": "spec.x: unknown field"}
+    assert st_["fail_closed"] == {"a/bad": ["Egress"]} and st_["egress_isolated"] == 1
+    assert engine.rejected() == {bad.key: bad}
+    engine.update(PolicyChanges(policies={bad.key: None}))
+    assert engine.status()["rejected_policies"] == {} and engine.status()["egress_isolated"] == 0
+    assert engine.status()["full_syncs"] == 1
+    all_in = PolicyInputs(local_pods=lps, pods=[*PODS, extra], namespaces=NSS, policies=[web_only])
+    assert engine.applied == compile_inputs(all_in)
+
+
+def test_engine_update_after_a_failed_compile_needs_the_whole_view(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    engine = PolicyEngine(RecordingNft())
+    inputs = PolicyInputs(local_pods=[LocalPod(PODS[0], "v", PODS[0].ips)], pods=PODS,
+                          namespaces=NSS)  # fmt: skip
+    engine.sync(inputs)
+
+    def boom(self: PolicyCompiler, changes: PolicyChanges) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(PolicyCompiler, "apply", boom)
+    with pytest.raises(RuntimeError):
+        engine.update(PolicyChanges())
+    monkeypatch.undo()
+    with pytest.raises(PolicyResyncNeeded):
+        engine.update(PolicyChanges())
+    engine.sync(inputs)  # the whole view again: a full replace, then updates work
+    assert engine.status()["full_syncs"] == 2 and engine.status()["last_error"] is None
+    engine.update(PolicyChanges())
+
+
+def test_pods_alike_share_one_chain() -> None:
+    """Local pods selected by the same policies (and declaring the same ports, for
+    ingress) jump to one chain: rules grow with distinct policy sets, not pods."""
+    deny = pol("a", "deny", {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]})
+    pods = [mkpod("a", f"w{i}", 100 + i, {"app": "web"}, [WEB]) for i in range(20)]
+    lps = [LocalPod(p, f"w{i}", p.ips) for i, p in enumerate(pods)]
+    rs = compile_inputs(PolicyInputs(local_pods=lps, pods=pods, namespaces=NSS, policies=[deny]))
+    assert len(rs.chains) == 2 and len(rs.ingress) == len(rs.egress) == 20
+    assert rs.comments[rs.ingress["w0"]] == "ingress a: deny"

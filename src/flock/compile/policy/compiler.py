@@ -361,9 +361,8 @@ class PolicyCompiler:
         for ifname, lp in want.items():
             if have.get(ifname) is not lp:
                 self.set_local(ifname, lp)
-        if len(have) != len(want):
-            for ifname in [i for i in have if i not in want]:
-                self.set_local(ifname, None)
+        for ifname in have.keys() - want.keys():
+            self.set_local(ifname, None)
 
     # -- results -----------------------------------------------------------------------
 
