@@ -24,15 +24,14 @@ import pwd
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 FRR_LIB = Path("/usr/lib/frr")
 VTYSH = "vtysh"
 DAEMONS = ("zebra", "bgpd", "bfdd")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -260,17 +259,3 @@ class FrrRouter:
     def bfd_peers(self) -> dict[str, str]:
         data = self.vtysh_json("show bfd peers json", daemon="bfdd") or []
         return {p.get("peer", ""): p.get("status", "") for p in data}
-
-
-def wait_until(
-    what: str, probe: Callable[[], T], done: Callable[[T], bool], *, timeout: float = 30.0
-) -> T:
-    """Poll `probe` until `done(value)`; raises with the last value seen on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last: {value!r}")
-        time.sleep(0.1)
