@@ -9,7 +9,6 @@ process or directory behind, including after a simulated crash.
 
 from __future__ import annotations
 
-import contextlib
 import html
 import os
 import secrets
@@ -17,7 +16,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +24,14 @@ import pytest
 
 from flock.lab import build, checks, cli, core, inspect, pods, routes, state
 from flock.lab.topology import Topology, parse
+from flock.testbed import netns
+from flock.testbed.wait import wait_until
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 ANYCAST6 = "fd00:f10c:a::53"
 ANYCAST4 = "198.18.100.53"
+WAIT = 60.0  # deadline for the lab to converge on a loaded machine (not an expectation)
 
 
 def _topology(name: str) -> Topology:
@@ -87,13 +88,13 @@ def _next_hops(name: str, prefix: str) -> set[str]:
     return routes.learned(lab).get(prefix, set())
 
 
-def _wait_next_hops(name: str, prefix: str, want: set[str], timeout: float = 20.0) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if _next_hops(name, prefix) == want:
-            return time.monotonic() - t0
-        time.sleep(0.05)
-    raise AssertionError(f"{prefix}: router next hops {_next_hops(name, prefix)}, want {want}")
+def _wait_next_hops(name: str, prefix: str, want: set[str]) -> None:
+    wait_until(
+        lambda: _next_hops(name, prefix),
+        until=lambda hops: hops == want,
+        timeout=WAIT,
+        what=f"router next hops {want} for {prefix}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +135,20 @@ def test_status_shows_ecmp_and_pods(lab: str, capsys: pytest.CaptureFixture[str]
 
 def test_ready_flip_withdraws_and_restores_at_the_router(lab: str) -> None:
     for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
-        assert _next_hops(lab, prefix) == {"n1", "n2"}
-    assert cli.main(["ready", "--name", lab, "dns-1", "false"]) == 0
-    for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
-        _wait_next_hops(lab, prefix, {"n2"})
-    # Node prefixes are untouched by readiness.
-    assert _next_hops(lab, "fd00:f10c:1::/64") == {"n1"}
-    pods.ready(lab, "dns-2", False)
-    for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
-        _wait_next_hops(lab, prefix, set())
-    pods.ready(lab, "dns-1", True)
-    pods.ready(lab, "dns-2", True)
+        _wait_next_hops(lab, prefix, {"n1", "n2"})
+    try:
+        assert cli.main(["ready", "--name", lab, "dns-1", "false"]) == 0
+        for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
+            _wait_next_hops(lab, prefix, {"n2"})
+        # Node prefixes are untouched by readiness.
+        assert _next_hops(lab, "fd00:f10c:1::/64") == {"n1"}
+        pods.ready(lab, "dns-2", False)
+        for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
+            _wait_next_hops(lab, prefix, set())
+    finally:
+        # The lab is shared by this module's tests: leave both replicas Ready, also on failure.
+        pods.ready(lab, "dns-1", True)
+        pods.ready(lab, "dns-2", True)
     for prefix in (f"{ANYCAST6}/128", f"{ANYCAST4}/32"):
         _wait_next_hops(lab, prefix, {"n1", "n2"})
 
@@ -161,7 +165,15 @@ def test_add_exec_delete_pod(lab: str, capfd: pytest.CaptureFixture[str]) -> Non
             cli.main(["exec", "--name", lab, "extra", "--", "ip", "-6", "addr", "show", "lo"]) == 0
         )
         assert ANYCAST6 in capfd.readouterr().out  # exec's output goes to the real stdout
-        # The router's kernel holds one multipath route; the node has a host route to the pod.
+        # The router's kernel holds one multipath route (zebra installs what bgpd selected
+        # a moment later: awaited); the node has a host route to the pod.
+        router_ns = core.Lab.open(lab).router_ns
+        wait_until(
+            lambda: netns.run(["ip", "-6", "route", "show", ANYCAST6], netns=router_ns).stdout,
+            until=lambda out: out.count("nexthop via") == 2,
+            timeout=WAIT,
+            what="two next hops in the router's kernel",
+        )
         assert (
             cli.main(["exec", "--name", lab, "router", "--", "ip", "-6", "route", "show", ANYCAST6])
             == 0
@@ -234,15 +246,15 @@ def test_down_after_up_was_killed_half_way() -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(state.LabNotFoundError, ValueError, KeyError):
-                roles = [r.role for r in state.LabState.load(name).processes()]
-                if any(r.startswith("agent") for r in roles):
-                    break
-            time.sleep(0.01)
-        else:
-            raise AssertionError("up never started an agent")
+        # Kill it at a moment it has started an agent (the state file may be half written).
+        wait_until(
+            lambda: [r.role for r in state.LabState.load(name).processes()],
+            until=lambda roles: any(r.startswith("agent") for r in roles),
+            timeout=WAIT,
+            what="up to start an agent",
+            ignore=(state.LabNotFoundError, ValueError, KeyError),
+            interval=0.01,
+        )
         proc.kill()
         proc.wait(10)
         recorded = [(int(r.ident), r.start_time) for r in state.LabState.load(name).processes()]
