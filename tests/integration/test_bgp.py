@@ -508,8 +508,10 @@ def test_bfd_drops_routes_within_detection_time_not_hold_time(lab: Lab) -> None:
         print(f"BFD: node1's IPv6 routes gone from FRR {elapsed:.2f}s after the cut")
         # Why FRR dropped the session, in its own words: BFD, not the hold timer (a bound
         # on the elapsed time was a wall-clock bound that a loaded machine can miss).
+        # FRR sends Cease with subcode 10, "BFD Down" (RFC 9384), when BFD took it down.
         info = neighbor(lab, n1.v6)
-        assert "BFD" in info.get("lastResetDueTo", ""), info
+        assert info.get("lastNotificationReason") == "Cease/BFD Down", info
+        assert info.get("lastErrorCodeSubcode") == "060A", info
     finally:
         netns.run(["nft", "delete", "table", "inet", "fbcut"], netns=n1.ns, check=False)
     all_established(lab, timeout=90)
