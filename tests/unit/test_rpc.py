@@ -32,6 +32,7 @@ from flock.model.cni import (
     CniError,
     CniRequest,
 )
+from flock.testbed.wait import wait_until_async
 
 CONFIG = {"cniVersion": "1.1.0", "name": "flock", "type": "flock"}
 
@@ -247,7 +248,7 @@ def test_peer_that_never_finishes_its_request_times_out(tmp: Path) -> None:
             reader, writer = await asyncio.open_unix_connection(str(path))
             writer.write(b'{"command": ')  # and never half-closes
             await writer.drain()
-            reply = await asyncio.wait_for(reader.read(), 5)
+            reply = await asyncio.wait_for(reader.read(), 60)  # a deadline, not a bound
             writer.close()
             # The server still serves others.
             assert (await rpc.request(path, add_request()))["result"]["cid"] == "c1"
@@ -262,10 +263,11 @@ def test_peer_that_hangs_up_early_does_not_hurt_the_server(tmp: Path) -> None:
     path = tmp / "a.sock"
 
     async def go() -> None:
-        release = asyncio.Event()
+        entered, release = asyncio.Event(), asyncio.Event()
 
         async def slow(req: CniRequest) -> dict[str, Any]:
             if req.container_id == "slow":
+                entered.set()
                 await release.wait()
             return {"cid": req.container_id}
 
@@ -274,10 +276,11 @@ def test_peer_that_hangs_up_early_does_not_hurt_the_server(tmp: Path) -> None:
             writer.write(json.dumps(add_request("slow")).encode())
             writer.write_eof()
             await writer.drain()
+            await asyncio.wait_for(entered.wait(), 60)  # the server holds the request
             writer.close()  # gone before the answer
-            await asyncio.sleep(0.05)
+            await writer.wait_closed()
+            # The handler resumes at the loop's next turn, before any I/O of "next".
             release.set()
-            await asyncio.sleep(0.05)
             assert (await rpc.request(path, add_request("next")))["result"] == {"cid": "next"}
 
     asyncio.run(go())
@@ -297,7 +300,7 @@ def test_requests_are_served_concurrently(tmp: Path) -> None:
             started += 1
             if started == n:
                 all_in.set()
-            await asyncio.wait_for(all_in.wait(), 5)
+            await asyncio.wait_for(all_in.wait(), 60)  # a deadline, not a bound
             return {"cid": req.container_id}
 
         async with serving(path, handler):
@@ -407,10 +410,15 @@ def test_deferred_dels_recorded_after_start_are_picked_up(tmp: Path) -> None:
         try:
             late = {"command": "DEL", "containerID": "late", "ifname": "eth0", "config": CONFIG}
             plugin.defer_del(str(state), late)
-            for _ in range(100):
-                if seen:
-                    break
-                await asyncio.sleep(0.02)
+            # The spool file goes only after the handler returned: both are awaited together
+            # (stopping the pass as soon as the handler ran raced with that unlink).
+            spool = state / rpc.DEFERRED_DEL_DIRNAME
+            await wait_until_async(
+                lambda: (list(seen), sorted(p.name for p in spool.iterdir())),
+                until=lambda got: got == (["late"], []),
+                timeout=60,
+                what="the late DEL handled and its spool file removed",
+            )
         finally:
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
