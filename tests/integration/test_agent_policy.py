@@ -327,19 +327,23 @@ def test_policy_added_and_removed_while_the_agent_runs(cluster: Cluster) -> None
     assert all_ok(reach(cli, db, 9090))
 
 
-def test_malformed_policy_is_reported_and_disturbs_nothing(cluster: Cluster) -> None:
+def test_malformed_policy_is_reported_and_fails_closed(cluster: Cluster) -> None:
     """(d) A policy that does not validate is listed in `flock status` with the
-    field that is wrong, is not enforced, and the good policies keep working."""
+    field that is wrong and fails closed (issue 10, item 4): its podSelector cannot be
+    read, so every pod of its namespace is isolated until it is fixed; the good
+    policies keep working beside it."""
     cluster.node.start_agent()
     cli = cluster.pod("cli", labels={"app": "cli"})
     x1 = cluster.pod("x1", labels={"app": "x"})
+    y = cluster.pod("y", labels={"app": "y"})
     bad_spec = {
         "podSelector": {
             "matchExpressions": [{"key": "app", "operator": "Maybe", "values": ["cli"]}]
         },
         "policyTypes": ["Ingress"],
     }
-    # Alone: reported although no valid policy exists.
+    # Alone: reported although no valid policy exists, and nothing reaches the
+    # namespace's pods.
     cluster.policy("bad", bad_spec)
     wait_until(
         lambda: rejected(cluster.node),
@@ -348,15 +352,14 @@ def test_malformed_policy_is_reported_and_disturbs_nothing(cluster: Cluster) -> 
         what="bad rejected",
     )
     assert "Maybe" in rejected(cluster.node)["default/bad"]
-    assert all_ok(reach(x1, cli, 8080))  # not half-applied: cli is not isolated
+    wait_reach(x1, cli, 8080, all_blocked, "x1 -> cli:8080 blocked (fail closed)")
+    assert all_blocked(reach(x1, y, 8080))
     # Next to a good one.
     cluster.policy("deny-x", DENY_INGRESS_X)
-    wait_reach(cli, x1, 8080, all_blocked, "cli -> x1:8080 blocked")
-    assert "default/bad" in rejected(cluster.node)
-    assert all_ok(reach(x1, cli, 8080))
     x2 = cluster.pod("x2", labels={"app": "x"})
+    assert "default/bad" in rejected(cluster.node)
     assert all_blocked(reach(cli, x2, 8080))
-    # Fixed: no longer rejected, and now enforced (it selects cli).
+    # Fixed: no longer rejected, enforced as written (it selects cli), y open again.
     cluster.policy("bad", {**bad_spec, "podSelector": {"matchLabels": {"app": "cli"}}})
     wait_until(
         lambda: rejected(cluster.node),
@@ -364,7 +367,9 @@ def test_malformed_policy_is_reported_and_disturbs_nothing(cluster: Cluster) -> 
         timeout=WAIT,
         what="bad accepted",
     )
-    wait_reach(x1, cli, 8080, all_blocked, "x1 -> cli:8080 blocked")
+    wait_reach(x1, y, 8080, all_ok, "x1 -> y:8080 open once bad parses")
+    assert all_blocked(reach(x1, cli, 8080))
+    assert all_blocked(reach(cli, x2, 8080))
 
 
 def test_named_port_resolves_per_destination_pod(cluster: Cluster) -> None:
