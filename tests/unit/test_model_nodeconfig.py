@@ -64,11 +64,27 @@ CRD = Path(__file__).resolve().parents[2] / "deploy" / "crds" / "nodeconfig.yaml
 PEER = {"address": "192.0.2.1", "asn": 65000}
 
 
+# CEL rules of the CRD that have a plain JSON Schema equivalent: checked here through
+# it (the real server evaluates the CEL itself, and tests/kube checks its messages).
+CEL_AS_JSON_SCHEMA: dict[str, dict[str, Any]] = {
+    "self != 23456 && self != 65535": {"not": {"enum": [23456, 65535]}},
+    "self == 0 || self >= 3": {"not": {"enum": [1, 2]}},
+    "self.contains('%') ? isIP(self.split('%')[0]) && ip(self.split('%')[0]).family() == 6"
+    " && ip(self.split('%')[0]).isLinkLocalUnicast() : isIP(self)": {
+        "anyOf": [{"format": "ipv4"}, {"format": "ipv6"}]
+    },
+}
+
+
 def _strict(schema: Any) -> Any:
-    """The CRD schema as plain JSON Schema: drop x-kubernetes-* (CEL is not evaluated
-    here) and refuse unknown fields, as kubectl's strict field validation does."""
+    """The CRD schema as plain JSON Schema: x-kubernetes-* dropped, except the CEL rules
+    translated by CEL_AS_JSON_SCHEMA (the others are not evaluated here), and unknown
+    fields refused, as kubectl's strict field validation does."""
     if isinstance(schema, dict):
         out = {k: _strict(v) for k, v in schema.items() if not k.startswith("x-kubernetes")}
+        rules = [" ".join(r["rule"].split()) for r in schema.get("x-kubernetes-validations", [])]
+        if equivalents := [CEL_AS_JSON_SCHEMA[r] for r in rules if r in CEL_AS_JSON_SCHEMA]:
+            out["allOf"] = equivalents
         if "properties" in out and out.get("type") == "object":
             out["additionalProperties"] = False
         return out
@@ -119,6 +135,17 @@ def test_crd_identity() -> None:
     assert _DOC["metadata"]["name"] == "nodeconfigs.flock.fritzlab.net"
     assert [v["name"] for v in _DOC["spec"]["versions"]] == ["v1alpha1"]
     jsonschema.Draft7Validator.check_schema(_SCHEMA)
+    # Every translation still matches a rule of the CRD (else it checks nothing).
+    assert set(CEL_AS_JSON_SCHEMA) <= {" ".join(r["rule"].split()) for r in _rules(_DOC)}
+
+
+def _rules(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, dict):
+        own = list(node.get("x-kubernetes-validations", []))
+        return own + [r for v in node.values() for r in _rules(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _rules(v)]
+    return []
 
 
 REFERENCE = {
