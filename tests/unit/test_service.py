@@ -26,6 +26,7 @@ from flock.apply.store import AllocationStore
 from flock.compile.ipam import Ipam
 from flock.model.allocation import Allocation
 from flock.model.cni import ERR_NOT_AVAILABLE, ERR_TRY_AGAIN, CniError, CniRequest
+from flock.testbed.wait import wait_until_async
 
 T = TypeVar("T")
 NODE = "node-a"
@@ -36,6 +37,10 @@ class FakeDatapath:
         self.links: dict[str, PodNetSpec] = {}
         self.fail_setup = False
         self.setup_delay = 0.0
+        # Ordering hooks (barriers, not delays): setups meet at `barrier` (proof that they
+        # overlap), then wait until `hold` is set (so a test acts while one is in progress).
+        self.barrier: threading.Barrier | None = None
+        self.hold: threading.Event | None = None
         self.events: list[str] = []
         self.lock = threading.Lock()
 
@@ -43,6 +48,10 @@ class FakeDatapath:
         with self.lock:
             self.events.append(f"setup-start {spec.container_id}")
         time.sleep(self.setup_delay)
+        if self.barrier is not None:
+            self.barrier.wait(60)  # BrokenBarrierError: the setups did not overlap
+        if self.hold is not None and not self.hold.wait(60):
+            raise TimeoutError("setup held for 60 s")
         if self.fail_setup:
             raise OSError("netlink said no")
         with self.lock:
@@ -296,11 +305,15 @@ def test_add_waits_briefly_for_a_pod_the_datastore_has_not_seen(tmp_path: Path) 
             await asyncio.sleep(0.1)
             write(m / "p.yaml", pod_doc("late", uid="u2"))
 
+        # The wait is generous here (the write lands after 0.1 s plus the datastore's
+        # notice, which a loaded machine can stretch past the default 0.5 s).
+        svc.pod_wait = 60
         writer = asyncio.create_task(later())
         res = await svc.handle(req("ADD", "c1", "late", uid="u2"))
         await writer
         assert res["ips"]
         # A stale incarnation (uid mismatch) is never used; it ends in "try again".
+        svc.pod_wait = 0.5
         with pytest.raises(CniError) as ei:
             await svc.handle(req("ADD", "c2", "late", uid="u3"))
         assert ei.value.code == ERR_TRY_AGAIN and "uid" in ei.value.msg
@@ -312,11 +325,21 @@ def test_operations_on_one_container_are_serialised(tmp_path: Path) -> None:
     async def body(env: Env) -> None:
         svc, dp, _store, m = env
         write(m / "p.yaml", pod_doc("a"), pod_doc("b"))
-        dp.setup_delay = 0.2
+        # c1's and c2's kernel work meet at a barrier (they overlap, or both fail after
+        # 60 s) and then stay held, so the DEL arrives while c1's ADD is in progress.
+        dp.barrier, dp.hold = threading.Barrier(2), threading.Event()
         add = asyncio.create_task(svc.handle(req("ADD", "c1", "a")))
         other = asyncio.create_task(svc.handle(req("ADD", "c2", "b")))
-        await asyncio.sleep(0.05)
-        await svc.handle(req("DEL", "c1"))  # must wait for c1's ADD, not for c2's
+        await wait_until_async(
+            lambda: list(dp.events),
+            until=lambda ev: {"setup-start c1", "setup-start c2"} <= set(ev),
+            timeout=60,
+            what="both setups started",
+        )
+        delete = asyncio.create_task(svc.handle(req("DEL", "c1")))  # waits for c1's ADD
+        await asyncio.sleep(0)  # the DEL is in (and must be blocked) before c1 finishes
+        dp.hold.set()
+        await delete
         await add
         await other
         i_end = dp.events.index("setup-end c1")
