@@ -16,6 +16,7 @@ import yaml
 
 from flock.agent.datastore.base import Datastore, EventType, Kind, NodeConfigUnavailable
 from flock.agent.datastore.files import FilesDatastore
+from flock.testbed.wait import wait_until_async
 
 T = TypeVar("T")
 
@@ -109,7 +110,8 @@ def test_multi_document_file_gives_typed_objects(tmp_path: Path) -> None:
     run(body)
 
 
-async def _next_event(q: asyncio.Queue[Any], timeout: float = 2.0) -> Any:
+async def _next_event(q: asyncio.Queue[Any], timeout: float = 60.0) -> Any:
+    """The next event; `timeout` is a deadline for a loaded machine, not an expectation."""
     return await asyncio.wait_for(q.get(), timeout)
 
 
@@ -278,11 +280,7 @@ def test_directory_created_late_or_replaced_is_watched_again(tmp_path: Path) -> 
             write(d / "p.yaml", pod("web"))
             ev = await _next_event(q)  # found by polling, then the watch is armed
             assert (ev.kind, ev.name) == (Kind.POD, "web")
-            for _ in range(100):
-                if ds._inotify is not None:
-                    break
-                await asyncio.sleep(0.05)
-            assert ds._inotify is not None
+            await wait_until_async(lambda: ds.watching, timeout=60, what="the watch armed")
             # The directory is replaced wholesale (e.g. a ConfigMap-style swap).
             (d / "p.yaml").unlink()
             d.rmdir()

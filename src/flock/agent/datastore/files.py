@@ -280,6 +280,11 @@ class FilesDatastore:
     def directory(self) -> Path:
         return self._dir
 
+    @property
+    def watching(self) -> bool:
+        """Whether an inotify watch is armed (False: the directory is polled)."""
+        return self._inotify is not None
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         # Watch first, then list: a change between the two is seen twice, never missed.
