@@ -24,6 +24,7 @@ from flock.testbed.kube import ApiServer
 
 NEEDED = ("etcd", "kube-apiserver", "kubectl")
 KUBE_DIR = Path(__file__).resolve().parent
+ATTACH_SANS = ("203.0.113.1", "2001:db8:ad::1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -51,7 +52,8 @@ def require_tools(*names: str) -> None:
 @pytest.fixture(scope="session")
 def apiserver() -> Iterator[ApiServer]:
     require_tools(*NEEDED)
-    with ApiServer(prefix="fkt") as api:
+    # Addresses a test may attach() other namespaces by (TEST-NET-3 and documentation v6).
+    with ApiServer(prefix="fkt", extra_sans=ATTACH_SANS) as api:
         yield api
 
 

@@ -22,7 +22,9 @@ from typing import Any
 import pytest
 import yaml
 
-from flock.testbed.kube import ApiServer
+from flock.testbed import netns
+from flock.testbed.kube import ApiServer, node_user
+from flock.testbed.tools import tool_path
 from flock.testbed.wait import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,6 +94,36 @@ def test_unauthenticated_and_unknown_tokens_are_refused(apiserver: ApiServer) ->
     assert status == 401
     status, _ = apiserver.request("GET", "/api/v1/namespaces")
     assert status == 200
+
+
+def test_attached_namespace_reaches_the_api_as_a_node(apiserver: ApiServer) -> None:
+    """Another namespace reaches the API over a veth, both families, with a node token."""
+    node = f"n{uuid.uuid4().hex[:6]}"
+    other = netns.unique_name("fkto", 8)
+    netns.create(other)
+    try:
+        apiserver.add_users(node_user(node))  # a restart: the token file is read at start
+        urls = [
+            apiserver.attach(other, api_cidr="203.0.113.1/30", peer_cidr="203.0.113.2/30",
+                             peer_if="kapi4"),
+            apiserver.attach(other, api_cidr="2001:db8:ad::1/64", peer_cidr="2001:db8:ad::2/64",
+                             peer_if="kapi6"),
+        ]  # fmt: skip
+        for url in urls:
+            kubeconfig = apiserver.kubeconfig_for(f"system:node:{node}", server=url)
+            kubectl = [str(tool_path("kubectl")), f"--kubeconfig={kubeconfig}"]
+            cache = f"--cache-dir={apiserver.dir / 'kubectl-cache'}"
+            who = netns.run([*kubectl, cache, "auth", "whoami", "-o", "json"], netns=other)
+            status = json.loads(who.stdout)["status"]["userInfo"]
+            assert status["username"] == f"system:node:{node}", url
+            assert "system:nodes" in status["groups"]
+            denied = netns.run(
+                [*kubectl, cache, "get", "secrets", "-n", "kube-system"], netns=other, check=False
+            )
+            assert denied.returncode != 0
+            assert "Forbidden" in denied.stderr or "forbidden" in denied.stderr, denied.stderr
+    finally:
+        netns.delete(other)
 
 
 def test_data_survives_an_apiserver_restart(apiserver: ApiServer) -> None:

@@ -428,7 +428,8 @@ class ApiServer:
         """Add token users; restarts kube-apiserver (it reads the token file only at start)."""
         for u in users:
             self.users[u.name] = u
-        self._write_tokens()
+        if self._netns_made:  # else start() writes them
+            self._write_tokens()
         if self._apiserver is not None:
             self.restart_apiserver()
 
