@@ -191,6 +191,11 @@ class PolicyCompiler:
         self._by_ns: dict[str, dict[PodKey, PodInfo]] = {}
         self._named: dict[tuple[str, str, int], SetState] = {}
         self._peer_sets: dict[str, PeerSet] = {}
+        # Which peer sets a pod of a namespace can be in: those whose peers have a
+        # namespaceSelector (any namespace), and those of pod selectors in that
+        # namespace. ipBlock-only sets hold no pods and are in neither.
+        self._sets_any_ns: set[PeerSet] = set()
+        self._sets_in_ns: dict[str, set[PeerSet]] = {}
         self._peer_names: dict[tuple[int, int], tuple[tuple[Peer, ...], str | None]] = {}
         self._seen_pods: dict[int, Pod] | None = {}  # load()'s previous view, by id
         self._policies: dict[PodKey, AnyPolicy] = {}
@@ -236,10 +241,9 @@ class PolicyCompiler:
         if before == after:
             return
         pods = self._by_ns.get(name, {})
-        for ps in self._peer_sets.values():
-            if any(p.namespace_selector is not None for p in ps.peers):
-                for key, info in pods.items():
-                    ps.update(key, info, after)
+        for ps in self._sets_any_ns:
+            for key, info in pods.items():
+                ps.update(key, info, after)
 
     def set_pod(self, key: PodKey, pod: Pod | None) -> None:
         """A pod of the cluster (a peer); None: deleted. hostNetwork pods are never
@@ -475,6 +479,12 @@ class PolicyCompiler:
             if isinstance(s, PeerSet):
                 if self._peer_sets.get(s.name) is s:
                     del self._peer_sets[s.name]
+                    self._sets_any_ns.discard(s)
+                    in_ns = self._sets_in_ns.get(s.policy_ns)
+                    if in_ns is not None:
+                        in_ns.discard(s)
+                        if not in_ns:
+                            del self._sets_in_ns[s.policy_ns]
                     dropped_peer = True
             else:  # refilled from the pods if a rule needs it again
                 self._named = {k: v for k, v in self._named.items() if v is not s}
@@ -537,7 +547,9 @@ class PolicyCompiler:
                 for e in new.named(name, proto, fam):
                     s.inc(e)
         labels = self._labels_of(ns)
-        for ps in self._peer_sets.values():
+        for ps in self._sets_any_ns:
+            ps.update(key, new, labels)
+        for ps in self._sets_in_ns.get(ns, ()):
             ps.update(key, new, labels)
 
     def _fill(self, ps: PeerSet) -> None:
@@ -593,6 +605,10 @@ class PolicyCompiler:
             self._fill(ps)
             self._peer_sets[name] = ps
             self._dirty_sets.add(ps)
+            if any(p.namespace_selector is not None for p in peers):
+                self._sets_any_ns.add(ps)
+            elif any(p.ip_block is None for p in peers):
+                self._sets_in_ns.setdefault(policy_ns, set()).add(ps)
         return ps
 
     # -- local pods and their chains ---------------------------------------------------
