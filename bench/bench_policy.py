@@ -4,8 +4,10 @@ Figures:
 * full sync (compile + one atomic nft transaction) for 10,000 pods and 1,000
   policies, for a node holding 110 pods (Kubernetes' default max) and, as a stress
   case, 1,000 pods;
-* incremental update (compile + diff + transaction) when one remote pod is added,
-  one local pod is added, one policy changes, one pod is deleted;
+* one-object changes (a remote pod added, a local pod added, a local pod relabelled,
+  a policy changed, a pod deleted), each applied two ways: `sync` (the whole view,
+  which the engine diffs by object identity) and `update` (only the change, as
+  `PolicyChanges`), with the compile / nft split of each;
 * nft via `nft -f -` (fork/exec) vs libnftables in-process;
 * iperf3 TCP throughput between two pod namespaces through a node namespace with
   a 200-policy ruleset (both pods isolated both ways) vs no table at all. On a
