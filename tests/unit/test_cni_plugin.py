@@ -18,6 +18,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,10 +105,10 @@ class FakeAgent:
 
 
 @pytest.fixture
-def tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    # Short paths: unix socket paths are limited to 107 bytes.
-    d = Path(os.environ.get("TMPDIR", "/tmp")) / f"fp-cni-{os.getpid()}-{id(tmp_path_factory)}"
-    d.mkdir()
+def tmp() -> Iterator[Path]:
+    # Short paths: unix socket paths are limited to 107 bytes. mkdtemp: unique also between
+    # concurrent runs and after a crashed one (a pid-derived name can be reused).
+    d = Path(tempfile.mkdtemp(prefix="fp-cni-", dir=os.environ.get("TMPDIR", "/tmp")))
     try:
         yield d
     finally:
@@ -789,7 +790,7 @@ def test_full_listen_backlog_is_retried_not_failed(tmp: Path) -> None:
         fillers.append(c)
 
     def serve_late() -> None:
-        time.sleep(0.4)
+        time.sleep(0.4)  # a chance for the plugin to meet the full backlog (not an ordering)
         for c in fillers:
             c.close()
         while True:
@@ -805,7 +806,8 @@ def test_full_listen_backlog_is_retried_not_failed(tmp: Path) -> None:
     t = threading.Thread(target=serve_late, daemon=True)
     t.start()
     try:
-        r = run_plugin(SOURCE, attach_env("ADD"), conf(path, "1.1.0", agentTimeout=5))
+        # agentTimeout is a deadline here: the plugin retries until the backlog drains.
+        r = run_plugin(SOURCE, attach_env("ADD"), conf(path, "1.1.0", agentTimeout=60))
     finally:
         t.join(10)
         srv.close()
