@@ -12,9 +12,10 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flock.testbed.wait import WaitTimeout, wait_until
 
 BIRD = "bird"
 
@@ -43,7 +44,7 @@ class BirdDaemon:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
-    def start(self, config_text: str | None = None, *, wait: float = 10.0) -> None:
+    def start(self, config_text: str | None = None, *, wait: float = 60.0) -> None:
         """Start BIRD in the foreground (so that its PID is ours); waits for the control socket.
 
         Without `config_text`, the existing config file is used (a restart);
@@ -73,17 +74,26 @@ class BirdDaemon:
             )  # fmt: skip
         finally:
             log.close()
-        deadline = time.monotonic() + wait
-        while not self._answers():
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def answers() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(
-                    f"BIRD in {self.netns} exited with {self.proc.returncode}: "
+                    f"BIRD in {self.netns} exited with {proc.returncode}: "
                     f"{self.log_path.read_text(errors='replace')[-2000:]}"
                 )
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"BIRD in {self.netns} did not open {self.socket_path}")
-            time.sleep(0.02)
+            return self._answers()
+
+        try:
+            wait_until(
+                answers,
+                timeout=wait,
+                what=f"BIRD in {self.netns} to open {self.socket_path}",
+                interval=0.02,
+            )
+        except WaitTimeout:
+            self.stop()
+            raise
 
     def _answers(self) -> bool:
         """The control socket accepts a connection (the file appears before listen())."""

@@ -23,11 +23,12 @@ import os
 import pwd
 import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from flock.testbed.wait import wait_until
 
 FRR_LIB = Path("/usr/lib/frr")
 VTYSH = "vtysh"
@@ -146,7 +147,7 @@ class FrrRouter:
             argv += ["--bfdctl", str(d / "bfdd.sock")]
         return argv
 
-    def start(self, config: str, *, wait: float = 15.0) -> None:
+    def start(self, config: str, *, wait: float = 60.0) -> None:
         """Write the config and start the daemons (zebra first); waits for their vty sockets."""
         if "bfdd" in self.daemons and "zebra" not in self.daemons:
             raise ValueError("bfdd needs zebra")
@@ -173,15 +174,17 @@ class FrrRouter:
             raise
 
     def _wait_for_file(self, daemon: str, path: Path, wait: float) -> None:
-        deadline = time.monotonic() + wait
-        while not path.exists():
-            proc = self.procs[daemon]
+        proc = self.procs[daemon]
+
+        def created() -> bool:
             if proc.poll() is not None:
                 log = (self.workdir / f"{daemon}.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"{daemon} in {self.netns} exited {proc.returncode}: {log}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{daemon} in {self.netns} did not create {path}")
-            time.sleep(0.02)
+            return path.exists()
+
+        wait_until(
+            created, timeout=wait, what=f"{daemon} in {self.netns} to create {path}", interval=0.02
+        )
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM every daemon we started (by PID), SIGKILL stragglers; idempotent."""

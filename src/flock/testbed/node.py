@@ -40,6 +40,7 @@ import yaml
 
 from flock import ANNOTATION_PREFIX, CRD_GROUP, CRD_VERSION
 from flock.testbed import netns
+from flock.testbed.wait import WaitTimeout, wait_until
 
 PYTHON = "/usr/bin/python3"
 DEFAULT_NETWORK = "flock"
@@ -386,7 +387,7 @@ class TestNode:
             *extra,
         ]
 
-    def start_agent(self, *extra: str, wait: float = 20.0) -> int:
+    def start_agent(self, *extra: str, wait: float = 60.0) -> int:
         """Start the real agent inside the node namespace; returns its PID once it serves."""
         if self.agent is not None and self.agent.poll() is None:
             raise RuntimeError(f"agent of {self.name} already running (pid {self.agent.pid})")
@@ -402,21 +403,28 @@ class TestNode:
             self.wait_agent(wait)
         return self.agent.pid
 
-    def wait_agent(self, timeout: float = 20.0) -> None:
+    def wait_agent(self, timeout: float = 60.0) -> None:
         """Wait until the agent answers on its status socket (it serves CNI by then)."""
         from flock.agent.status import query
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def serving() -> bool:
             if self.agent is not None and self.agent.poll() is not None:
                 raise RuntimeError(
                     f"agent of {self.name} exited with {self.agent.returncode}:\n{self.log_tail()}"
                 )
-            with contextlib.suppress(OSError, ValueError):
-                query(self.status_socket, timeout=1)
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"agent of {self.name} not serving after {timeout}s:\n{self.log_tail()}")
+            query(self.status_socket, timeout=1)
+            return True
+
+        try:
+            wait_until(
+                serving,
+                timeout=timeout,
+                what=f"agent of {self.name} to serve",
+                ignore=(OSError, ValueError),
+                interval=0.02,
+            )
+        except WaitTimeout as e:
+            raise TimeoutError(f"{e}\n{self.log_tail()}") from None
 
     def stop_agent(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
         """Signal the agent by PID and reap it; SIGKILL if it does not exit in time."""
