@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from flock.testbed import netns
-from flock.testbed.kube import ApiServer, node_user
+from flock.testbed.kube import ApiServer, ApiServerError, node_user
 from flock.testbed.tools import tool_path
 from flock.testbed.wait import wait_until
 
@@ -124,6 +125,16 @@ def test_attached_namespace_reaches_the_api_as_a_node(apiserver: ApiServer) -> N
             assert "Forbidden" in denied.stderr or "forbidden" in denied.stderr, denied.stderr
     finally:
         netns.delete(other)
+
+
+def test_a_failed_start_shows_the_log_and_leaves_nothing(need_tools: Callable[..., None]) -> None:
+    need_tools("etcd", "kube-apiserver", "kubectl")
+    api = ApiServer(prefix="fktf", extra_args=["--no-such-flag=1"], ready_timeout=60)
+    with pytest.raises(ApiServerError, match="unknown flag: --no-such-flag"):
+        api.start()
+    assert not netns.exists(api.netns)
+    assert not api.dir.exists()
+    assert api.pids() == {}
 
 
 def test_data_survives_an_apiserver_restart(apiserver: ApiServer) -> None:
