@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from flock.testbed import netns
+from flock.testbed import netns, tools
 from flock.testbed.kube import ApiServer, ApiServerError, node_user
 from flock.testbed.tools import tool_path
 from flock.testbed.wait import wait_until
@@ -315,3 +315,22 @@ def test_wait_until_sees_a_created_nodeconfig(crd: ApiServer) -> None:
     )
     assert got[1]["spec"]["bgp"]["asn"] == 65101
     crd.kubectl("delete", "nodeconfig", name)
+
+
+def test_tool_path_names_the_build_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOCK_TOOLS_CACHE", str(tmp_path))
+    monkeypatch.delenv("FLOCK_TOOLS_BIN", raising=False)
+    with pytest.raises(tools.ToolMissing, match=r"run \./scripts/build-tools etcd"):
+        tools.tool_path("etcd")
+    assert tools.set_dir("kube") == tmp_path / "kube-v1.34.4"
+    with pytest.raises(KeyError):
+        tools.tool_path("no-such-tool")
+
+
+def test_every_tool_of_the_test_sets_is_built(need_tools: Callable[..., None]) -> None:
+    """What .ci/run's build step promises the tests: every binary of kube, etcd, helm."""
+    names = [t.binary for t in tools.table().values() if t.set in ("kube", "etcd", "helm")]
+    assert {"kube-apiserver", "kubectl", "etcd", "helm"} <= set(names)
+    need_tools(*names)
+    for name in names:
+        assert tools.tool_path(name).parent == tools.set_dir(tools.table()[name].set) / "bin"
