@@ -45,14 +45,17 @@ What it sets up (all removed by `stop()`/`__exit__`, also after a failed start):
 
 `readyz_seconds` holds how long the last start took to /readyz; `rss()` the RSS of
 etcd and kube-apiserver. Timeouts are deadlines (the machine is slow under load).
+Measured on the 2-core test machine: /readyz 2.6-3.5 s after the start, RSS about
+42 MB (etcd) + 270-300 MB (kube-apiserver) with the CRD installed.
 
-Watch cache: kube-apiserver serves watches from its own memory, so an etcd
-compaction alone does not turn a watch at an old resourceVersion into 410 Gone
-while the cache still holds events since then. `compact_etcd()` compacts and
-`restart_apiserver()` makes the cache start again at the current revision; then
-any watch or list at an older resourceVersion gets 410, as after a long outage in a
-real cluster. `watch_cache=False` sends every watch to etcd directly (compaction
-alone then yields 410; no bookmarks, which only the cache sends).
+Watch cache: kube-apiserver serves watches (and resourceVersion lists) from its own
+memory, so an etcd compaction alone does not turn a watch at an old resourceVersion
+into 410 Gone while the cache still holds events since then (checked: the watch
+replays, an Exact list answers 200). `compact_etcd()` then `restart_apiserver()`
+makes the cache start again at the current revision: a watch or list at an older
+resourceVersion gets 410, as after a long outage in a real cluster.
+`watch_cache=False` sends every watch to etcd directly: compaction alone then gives
+410 (but no bookmarks: only the cache sends them).
 """
 
 from __future__ import annotations
