@@ -1171,6 +1171,15 @@ def test_rejected_policy_reads_what_it_can() -> None:
     }
     assert rej({"podSelector": {}, "unknownField": 1}).policy_types == {"Ingress"}
     # metadata unreadable: the key the caller knows it by
+    assert "all pods of its namespace are isolated for Ingress (" in r.message
+    r3 = RejectedPolicy.from_object(
+        {"metadata": {"namespace": "a", "name": "x", "uid": "u-1"}, "spec": {"podSelector": {}}},
+        "spec.x: unknown field",
+    )
+    assert r3.uid == "u-1" and r3.message.startswith(
+        "flock cannot enforce this NetworkPolicy: spec.x: unknown field; until it is fixed, "
+        "the pods it selects are isolated for Ingress (only what other policies allow passes)"
+    )
     r2 = RejectedPolicy.from_object({"metadata": 7}, "bad", ("ns1", "p"))
     assert r2.key == ("ns1", "p") and r2.pod_selector is not None and r2.pod_selector.empty
 

@@ -168,6 +168,7 @@ class RejectedPolicy:
     reason: str
     pod_selector: LabelSelector | None = None  # None: could not be read (whole namespace)
     policy_types: frozenset[PolicyType] = frozenset({"Ingress", "Egress"})
+    uid: str = ""  # metadata.uid when readable: what an Event's `regarding` names
 
     # What the compiler reads from a policy: no rules.
     ingress: tuple[Rule, ...] = ()
@@ -181,6 +182,16 @@ class RejectedPolicy:
         if pod.namespace != self.namespace:
             return False
         return self.pod_selector is None or self.pod_selector.matches(pod.labels)
+
+    @property
+    def message(self) -> str:
+        """What an Event on the policy (reason `FlockPolicyRejected`) should say."""
+        who = "all pods of its namespace" if self.pod_selector is None else "the pods it selects"
+        dirs = " and ".join(sorted(self.policy_types, reverse=True))
+        return (
+            f"flock cannot enforce this NetworkPolicy: {self.reason}; until it is fixed, "
+            f"{who} are isolated for {dirs} (only what other policies allow passes)"
+        )
 
     @classmethod
     def from_object(
@@ -211,8 +222,15 @@ class RejectedPolicy:
                 types = frozenset({"Ingress", "Egress"})  # unreadable: both
         elif isinstance(raw, list) and raw and all(t in ("Ingress", "Egress") for t in raw):
             types = frozenset(raw)
+        raw_uid = meta.get("uid")
+        uid = raw_uid if isinstance(raw_uid, str) else ""
         return cls(
-            namespace=ns, name=name, reason=reason, pod_selector=selector, policy_types=types
+            namespace=ns,
+            name=name,
+            reason=reason,
+            pod_selector=selector,
+            policy_types=types,
+            uid=uid,
         )
 
 
