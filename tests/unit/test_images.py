@@ -26,6 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flock.testbed.wait import wait_until
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "packaging"))
 
@@ -228,6 +230,24 @@ def _extract(archive: Path, dest: Path) -> dict[str, object]:
     return got
 
 
+def _caught_signals(pid: int) -> set[int]:
+    """The signals process `pid` has a handler for (SigCgt in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            mask = int(line.split()[1], 16)
+            return {n + 1 for n in range(64) if mask >> n & 1}
+    return set()
+
+
+def _wait_catches(pid: int, sig: signal.Signals) -> None:
+    wait_until(
+        lambda: _caught_signals(pid),
+        until=lambda caught: sig in caught,
+        timeout=60,
+        what=f"pid {pid} to catch {sig.name}",
+    )
+
+
 def test_pause_image_is_one_static_binary_that_stops_on_sigterm(
     small_images: dict[str, build_images.Built], tmp_path: Path
 ) -> None:
@@ -240,7 +260,9 @@ def test_pause_image_is_one_static_binary_that_stops_on_sigterm(
     for sig in (signal.SIGTERM, signal.SIGINT):
         proc = subprocess.Popen([tmp_path / "pause"])
         try:
-            time.sleep(0.1)
+            # Signalled only once its handler is in (SigCgt): earlier, the default action
+            # would kill it (a sleep here was a race with a loaded machine's exec).
+            _wait_catches(proc.pid, sig)
             assert proc.poll() is None, "pause exited by itself"
             proc.send_signal(sig)
             assert proc.wait(timeout=5) == 0
