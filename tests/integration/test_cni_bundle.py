@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ def bundle_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def agent_socket() -> Iterator[tuple[Path, list[CniRequest]]]:
-    path = Path(f"/tmp/fp-it-{os.getpid()}.sock")
+    # A short path of its own (unix sockets: 107 bytes; a pid-derived name can be reused).
+    sock_dir = Path(tempfile.mkdtemp(prefix="fp-it-"))
+    path = sock_dir / "agent.sock"
     seen: list[CniRequest] = []
 
     async def handler(req: CniRequest) -> dict[str, Any]:
@@ -56,8 +59,11 @@ def agent_socket() -> Iterator[tuple[Path, list[CniRequest]]]:
             "ips": [{"address": "2001:db8::7/128", "gateway": "fe80::1", "interface": 0}],
         }
 
-    with rpc.serving_in_thread(path, handler):
-        yield path, seen
+    try:
+        with rpc.serving_in_thread(path, handler):
+            yield path, seen
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 def _system_lib_dir() -> str:

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,10 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Agent]:
-    a = Agent(Path(f"/tmp/fp-libcni-{os.getpid()}-{id(tmp_path)}.sock"))
+def agent() -> Iterator[Agent]:
+    # A short path of its own (unix sockets: 107 bytes; a pid-derived name can be reused).
+    sock_dir = Path(tempfile.mkdtemp(prefix="fp-libcni-"))
+    a = Agent(sock_dir / "agent.sock")
 
     async def handler(req: CniRequest) -> dict[str, Any]:
         a.seen.append(req)
@@ -93,8 +96,11 @@ def agent(tmp_path: Path) -> Iterator[Agent]:
             raise a.status_error
         return RESULT if req.command == "ADD" else {}
 
-    with rpc.serving_in_thread(a.path, handler):
-        yield a
+    try:
+        with rpc.serving_in_thread(a.path, handler):
+            yield a
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
 
 
 @dataclass
