@@ -1229,6 +1229,8 @@ def test_engine_update_after_a_failed_compile_needs_the_whole_view(
     engine = PolicyEngine(RecordingNft())
     inputs = PolicyInputs(local_pods=[LocalPod(PODS[0], "v", PODS[0].ips)], pods=PODS,
                           namespaces=NSS)  # fmt: skip
+    with pytest.raises(PolicyResyncNeeded):  # no whole view yet: a partial cluster
+        engine.update(PolicyChanges())
     engine.sync(inputs)
 
     def boom(self: PolicyCompiler, changes: PolicyChanges) -> None:

@@ -205,7 +205,9 @@ class PolicyEngine:
         self._status_lock = threading.Lock()  # status() never waits for a sync
         self._compiler = PolicyCompiler()
         self._in_kernel = False  # the kernel holds what the compiler last handed out
-        self._lost_view = False  # the compiler was reset: only sync() can go on
+        # The compiler lacks the whole view (none given yet, or reset after a failed
+        # compile): only sync() can go on, update() would compile a partial cluster.
+        self._lost_view = True
         self._status = PolicyStatus()
         self._rejected: dict[tuple[str, str], RejectedPolicy] = {}
 
@@ -225,21 +227,25 @@ class PolicyEngine:
     def sync(self, inputs: PolicyInputs, *, full: bool = False) -> None:
         """Make the kernel enforce `inputs` (the whole view)."""
         with self._lock:
-            self._run(lambda c: c.load(inputs), full=full)
-            self._lost_view = False
+            self._run(lambda c: c.load(inputs), full=full, whole_view=True)
 
     def update(self, changes: PolicyChanges, *, full: bool = False) -> None:
-        """Make the kernel enforce the previous view plus `changes`."""
+        """Make the kernel enforce the previous view plus `changes`. Raises
+        `PolicyResyncNeeded` before the first `sync` and after a failed compile."""
         with self._lock:
             if self._lost_view:
                 raise PolicyResyncNeeded("policy engine needs the whole view (sync)")
             self._run(lambda c: c.apply(changes), full=full)
 
-    def _run(self, change: Callable[[PolicyCompiler], None], *, full: bool) -> None:
+    def _run(
+        self, change: Callable[[PolicyCompiler], None], *, full: bool, whole_view: bool = False
+    ) -> None:
         t0 = time.perf_counter()
         try:
             change(self._compiler)
             delta = self._compiler.take_delta()
+            if whole_view:
+                self._lost_view = False
         except Exception as exc:
             self._compiler = PolicyCompiler()  # its state may be half-updated
             self._in_kernel = False
