@@ -16,8 +16,8 @@ flock   ghcr.io/fritzlab/flock:<version>, what packaging/Containerfile describes
         inside layer 1 through overlayfs and chroot, by the image's own python3) and
         the self-contained CNI plugin bundle at /opt/flock/cni.
 pause   ghcr.io/fritzlab/flock-pause:1, one static binary (packaging/pause.c).
-test    ghcr.io/fritzlab/flock-test:1, busybox-static + a static TCP/UDP echo
-        server (packaging/testimage/): HTTP readiness from a file, echo, both families.
+test    ghcr.io/fritzlab/flock-test:1, busybox-static + static TCP/UDP echo server and
+        client (packaging/testimage/): HTTP readiness from a file, echo, both families.
 
 Outputs are cached by the hash of their inputs under $FLOCK_IMAGES_CACHE
 (default /var/cache/flock/images), so a second build with nothing changed only
@@ -232,11 +232,14 @@ def build_test(cache: Path) -> Built:
             [str(BUSYBOX), "--list"], capture_output=True, text=True, check=True
         ).stdout.split()
         with tempfile.TemporaryDirectory(prefix="flock-img-") as tmp:
-            echod = Path(tmp) / "echod"
-            _static_binary(tdir / "echod.c", echod)
+            static = {}
+            for prog in ("echod", "probe"):
+                _static_binary(tdir / f"{prog}.c", Path(tmp) / prog)
+                static[prog] = (Path(tmp) / prog).read_bytes()
             entries = [
                 ia.FileEntry("bin/busybox", bb, mode=0o755),
-                ia.FileEntry("usr/local/bin/echod", echod.read_bytes(), mode=0o755),
+                ia.FileEntry("usr/local/bin/echod", static["echod"], mode=0o755),
+                ia.FileEntry("usr/local/bin/probe", static["probe"], mode=0o755),
                 ia.FileEntry("usr/local/bin/serve", (tdir / "serve").read_bytes(), mode=0o755),
                 ia.FileEntry(
                     "etc/passwd",
@@ -261,7 +264,7 @@ def build_test(cache: Path) -> Built:
                     cmd=["/usr/local/bin/serve"],
                     env=["PATH=/usr/local/bin:/bin", "HTTP_PORT=8080", "ECHO_PORT=7"],
                 ),
-                history=["busybox-static + packaging/testimage (echod, serve)"],
+                history=["busybox-static + packaging/testimage (echod, probe, serve)"],
             )
 
     return _cached_archive(cache, "test", ref, key.hex(), build)

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -282,51 +283,82 @@ def test_small_images_are_cached_by_content(
     assert index["test"]["ref"] == "ghcr.io/fritzlab/flock-test:1"
 
 
-@pytest.mark.skipif(not ROOT, reason="runs the echo server in a network namespace of its own")
-def test_test_image_echoes_tcp_and_udp_on_both_families(
+# Runs inside the extracted test image (chroot) in a network namespace of its own,
+# with what the kubelet adds to every pod (/etc/hosts, /etc/resolv.conf: the static
+# busybox wget segfaults with either, which is why the image has `probe`).
+IN_POD = r"""
+set -u
+ip link set lo up
+ip addr add 2001:db8::a/128 dev lo
+nft -f - <<'NFT'
+table inet t {
+  chain in {
+    type filter hook input priority 0;
+    udp dport 9 drop
+  }
+}
+NFT
+exec chroot "$1" /bin/sh -c '
+  hostname pod-a
+  serve >/dev/null 2>&1 &
+  server=$!
+  for i in $(seq 100); do
+    probe -w 1 http 127.0.0.1 8080 /ready >/dev/null 2>&1 && break; sleep 0.05
+  done
+  p() { out=$(probe -w 0.5 "$@" 2>/dev/null); rc=$?; echo "$* -> $rc $(echo "$out" | head -n1)"; }
+  p http 127.0.0.1 8080 /hostname
+  p http ::1 8080 /ready
+  p tcp ::1 7 t6
+  p tcp 127.0.0.1 7 t4
+  p udp 127.0.0.1 7 u4
+  p udp ::1 7 u6
+  p udp 127.0.0.2 7 alias4
+  p udp 2001:db8::a 7 alias6
+  p tcp 127.0.0.1 9
+  p udp 127.0.0.1 9
+  rm /www/ready
+  p http ::1 8080 /ready
+  kill $server; wait $server
+'
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="runs the image's servers in a network namespace of its own")
+def test_test_image_serves_http_readiness_and_echo_on_both_families(
     small_images: dict[str, build_images.Built], tmp_path: Path
 ) -> None:
-    got = _extract(small_images["test"].path, tmp_path)
+    root = tmp_path / "root"
+    got = _extract(small_images["test"].path, root)
     assert got["config"]["config"]["Cmd"] == ["/usr/local/bin/serve"]
-    assert (tmp_path / "bin" / "sh").is_symlink() and (tmp_path / "bin" / "httpd").is_symlink()
-    assert not build_images._is_dynamic(tmp_path / "usr" / "local" / "bin" / "echod")
-    client = r"""
-import socket, subprocess, sys, time
-srv = subprocess.Popen([sys.argv[1], "7777"], stderr=subprocess.DEVNULL)
-try:
-    for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                s = socket.create_connection((addr, 7777), timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        s.sendall(b"tcp-" + addr.encode()); print(s.recv(100).decode()); s.close()
-        u = socket.socket(fam, socket.SOCK_DGRAM); u.settimeout(2)
-        u.sendto(b"udp-" + addr.encode(), (addr, 7777)); print(u.recvfrom(100)[0].decode())
-finally:
-    srv.kill()
-"""
-    echod = tmp_path / "usr" / "local" / "bin" / "echod"
+    for prog in ("echod", "probe"):
+        assert not build_images._is_dynamic(root / "usr" / "local" / "bin" / prog)
+    assert (root / "bin" / "sh").is_symlink() and (root / "bin" / "httpd").is_symlink()
+    for d in ("dev", "proc"):
+        (root / d).mkdir(exist_ok=True)
+    os.mknod(root / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
+    (root / "etc" / "resolv.conf").write_text("nameserver 10.96.0.10\noptions ndots:5\n")
     out = subprocess.run(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            'ip link set lo up && exec "$0" -c "$1" "$2"',
-            sys.executable,
-            client,
-            str(echod),
-        ],
+        ["unshare", "--net", "--mount", "sh", "-c", IN_POD, "in-pod", str(root)],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
         check=False,
     )
-    assert out.stdout.split() == ["tcp-127.0.0.1", "udp-127.0.0.1", "tcp-::1", "udp-::1"], (
-        out.stderr
-    )
+    lines = out.stdout.splitlines()
+    assert lines == [
+        "http 127.0.0.1 8080 /hostname -> 0 pod-a",
+        "http ::1 8080 /ready -> 0 ok",
+        "tcp ::1 7 t6 -> 0 t6",
+        "tcp 127.0.0.1 7 t4 -> 0 t4",
+        "udp 127.0.0.1 7 u4 -> 0 u4",
+        "udp ::1 7 u6 -> 0 u6",
+        # Replies leave from the address asked (an anycast address besides the pod's own).
+        "udp 127.0.0.2 7 alias4 -> 0 alias4",
+        "udp 2001:db8::a 7 alias6 -> 0 alias6",
+        # Refused is an error (2), a silent drop a timeout (1).
+        "tcp 127.0.0.1 9 -> 2 error: connect: Connection refused",
+        "udp 127.0.0.1 9 -> 1 timeout",
+        # Readiness follows the file: 404 once it is gone (exit 3).
+        "http ::1 8080 /ready -> 3 <HTML><HEAD><TITLE>404 Not Found</TITLE></HEAD>",
+    ], out.stderr
