@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import py_compile
 import resource
 import shutil
 import statistics
@@ -71,6 +72,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=200, help="runs per way and verb")
     ap.add_argument("--pyinstaller", help="a pyinstaller executable: also time its onedir build")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="also time another plugin source (e.g. a JSON codec variant), compiled to .pyc"
+        " and run as `python -I -S file.pyc`, beside the repo's plugin compiled the same way",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fp-bench-") as tmpdir:
@@ -82,6 +91,15 @@ def main() -> int:
         }
         install.install(bin_dir=tmp / "py/bin", conf_dir=tmp / "py/net.d", python=PYTHON)
         ways["installed-python"] = [str(tmp / "py/bin/flock")]
+        if args.variant:
+            sources = [("pyc/repo", str(REPO / "src/flock/cni/plugin.py"))]
+            sources += [tuple(v.split("=", 1)) for v in args.variant]  # type: ignore[misc]
+            for name, src in sources:
+                pyc = tmp / f"{name.replace('/', '_')}.pyc"
+                py_compile.compile(src, cfile=str(pyc), doraise=True)
+                ways[name if name.startswith("pyc/") else f"pyc/{name}"] = [
+                    PYTHON, "-I", "-S", str(pyc)
+                ]  # fmt: skip
         if shutil.which("cc") and shutil.which("ldd"):
             subprocess.run(
                 [PYTHON, str(REPO / "packaging/build_plugin_bundle.py"), "--out", tmp / "b"],

@@ -17,11 +17,15 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flock.model.allocation import Allocation
+
+if TYPE_CHECKING:
+    from flock.agent.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,21 @@ class AgentMetrics:
         self.reconcile_failures = Counter(
             "flock_reconcile_failures", "Reconcile passes in which an applier failed", registry=r
         )
+        self.resync_failures = Gauge(
+            "flock_resync_failures",
+            "Attachments (or cleanup steps) the start-up re-sync could not repair",
+            registry=r,
+        )
+
+    def observe_pass(self, r: Reconciler, *, policy: bool) -> None:
+        """After every reconcile pass (`Reconciler(on_pass=...)`): what it computed,
+        how long the policy took (when a policy engine runs), whether it failed."""
+        self.anycast_routes.set(len(r.desired.anycast_routes))
+        self.exports.set(len(r.desired.exports))
+        if policy and r.stats.policy_sync_seconds:
+            self.policy_sync.observe(r.stats.policy_sync_seconds)
+        if not r.outcome.ok:
+            self.reconcile_failures.inc()
 
     def observe_op(self, verb: str, result: str, seconds: float) -> None:
         self.cni_op.labels(verb=verb, result=result).observe(seconds)

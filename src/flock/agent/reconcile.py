@@ -10,8 +10,8 @@ loop then computes the whole desired state from three inputs, and nothing else:
 
 and hands each part to its applier, in dependency order: the anycast host
 routes in the kernel, then the BGP export set, then the policy state (which
-also covers allocations held for policy only: a pod whose veth is not built
-yet or already gone, see `Reconciler.hold_policy`). An
+also covers attachments that are policed but not routed: a pod whose veth is
+not built yet or already gone, see `flock.agent.attachments`). An
 applier is called only when its part changed since it last succeeded (or when
 a periodic full resync asks for it), so a burst of events collapses into one
 pass and a plain pod's ADD does not touch BIRD at all.
@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from flock.agent.datastore.base import PodKey, Snapshot
 from flock.model import IPAddress as IPAddress
@@ -48,6 +48,10 @@ from flock.model import IPNetwork as IPNetwork
 from flock.model.allocation import Allocation, AttachmentKey
 from flock.model.nodeconfig import NodeConfig
 from flock.model.pod import Pod
+
+if TYPE_CHECKING:
+    from flock.agent.attachments import Attachments
+    from flock.compile.ipam import Ipam
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +304,12 @@ class Reconciler:
         full_resync_interval: float = 60.0,
         retry_interval: float = 1.0,
         on_pass: Callable[[Reconciler], None] | None = None,
+        attachments: Attachments | None = None,
     ) -> None:
         self._snapshot = snapshot
         self.index = index
+        # The attachment table (`adopt`); None in tests that drive the index alone.
+        self.attachments = attachments
         self._anycast = anycast
         self._exports = exports
         self._policy = policy
@@ -317,8 +324,7 @@ class Reconciler:
         self._applied_exports: tuple[NodeConfig, frozenset[IPNetwork]] | None = None
         self._force = True
         self._last_full = 0.0
-        # Allocations that count for policy only (see `hold_policy`).
-        self._held: dict[AttachmentKey, Allocation] = {}
+        self._stopped = False
         self.desired = Desired()
         self.outcome = Outcome()
         self.stats = ReconcileStats()
@@ -351,27 +357,19 @@ class Reconciler:
         idle = getattr(self._policy, "idle", None)
         return not (idle is not None and idle(self._snapshot()))
 
-    def hold_policy(self, alloc: Allocation) -> None:
-        """Count `alloc` for policy (its verdict-map entries, its addresses in peer sets)
-        without it being in the index (no anycast route, no export).
+    def adopt(self, ipam: Ipam) -> Attachments:
+        """Own the attachment table built from `ipam` (the allocations loaded at start)."""
+        from flock.agent.attachments import Attachments
 
-        ADD holds a new pod's allocation before its veth and host routes exist, so that
-        the pass it then awaits puts the pod's policy in place first (SPEC §6: no window
-        in which its address is routed and it is unprotected); nftables accepts interface
-        names that do not exist yet. DEL holds an allocation it took out of the index so
-        that its policy goes only after its veth. `release_policy` ends the hold.
-        """
-        self._held[alloc.key] = alloc
+        self.attachments = Attachments(ipam, self.index)
+        return self.attachments
 
-    def release_policy(self, key: AttachmentKey) -> None:
-        """End `hold_policy` (the next pass drops the policy unless the index has the key)."""
-        self._held.pop(key, None)
-
-    def policy_allocations(self) -> list[Allocation]:
-        """What the policy applier is given: the index plus the held allocations."""
-        allocs = self.index.all()
-        extra = [a for k, a in self._held.items() if k not in self.index]
-        return [*allocs, *extra] if extra else allocs
+    def policy_allocations(self) -> Sequence[Allocation]:
+        """What the policy applier is given: every attachment the policy covers (admitted,
+        wired or withdrawing: see `flock.agent.attachments`)."""
+        if self.attachments is None:
+            return self.index.all()
+        return self.attachments.policy_allocations()
 
     def mark_dirty(self) -> int:
         """Ask for a pass; returns the request number `wait_for` can wait on."""
@@ -385,16 +383,36 @@ class Reconciler:
         self.mark_dirty()
 
     async def wait_for(self, request: int, timeout: float | None = None) -> Outcome:
-        """Wait until a pass covering `request` has run; its outcome."""
+        """Wait until a pass covering `request` has run; its outcome.
+
+        Once the loop has stopped (agent shutdown) no pass will come: a waiter gets
+        a failed outcome at once instead of waiting forever.
+        """
         async with self._cond:
-            await asyncio.wait_for(self._cond.wait_for(lambda: self._done >= request), timeout)
+            await asyncio.wait_for(
+                self._cond.wait_for(lambda: self._done >= request or self._stopped), timeout
+            )
+            if self._done < request:
+                return Outcome(ok=False, policy_ok=False, error="the reconcile loop has stopped")
             return self.outcome
 
     async def sync(self, timeout: float | None = None) -> Outcome:
         return await self.wait_for(self.mark_dirty(), timeout)
 
     async def run(self, *, max_passes: int | None = None) -> None:
-        """The loop; `max_passes` bounds it for tests."""
+        """The loop; `max_passes` bounds it for tests. When it ends (also by
+        cancellation), every waiter is released (`wait_for`)."""
+        self._stopped = False
+        try:
+            await self._loop(max_passes)
+        finally:
+            self._stopped = True
+            # The lock is free unless a waiter is between its checks (never across an
+            # await), so this does not suspend a cancelled task.
+            async with self._cond:
+                self._cond.notify_all()
+
+    async def _loop(self, max_passes: int | None) -> None:
         passes = 0
         while max_passes is None or passes < max_passes:
             try:
@@ -412,6 +430,11 @@ class Reconciler:
                 self.outcome = Outcome(ok=False, policy_ok=False, error=self.stats.last_error)
                 ok = False
             passes += 1
+            if self._on_pass is not None:
+                try:
+                    self._on_pass(self)
+                except Exception:
+                    log.exception("reconcile: the after-pass hook failed")
             async with self._cond:
                 # A failed pass still releases its waiters: an ADD must not hang on
                 # BIRD being down. The failure is logged and retried.

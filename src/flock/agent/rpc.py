@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flock.cni.plugin import DEFERRED_DEL_DIRNAME as DEFERRED_DEL_DIRNAME
 from flock.model.cni import ERR_DECODE, ERR_INTERNAL, ERR_IO, CniError, CniRequest
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ Handler = Callable[[CniRequest], Awaitable[dict[str, Any]]]
 
 MAX_REQUEST = 16 << 20  # GC lists every live attachment: ~100 bytes each
 READ_TIMEOUT = 30.0
-DEFERRED_DEL_DIRNAME = "deferred-del"  # must match flock.cni.plugin
 
 
 # allow_nan=False: NaN is not JSON; better a 999 naming it than a reply no runtime parses.

@@ -43,6 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
+from flock.agent.attachments import Attachment, State
 from flock.agent.datastore.base import Datastore, NodeConfigUnavailable, PodEvent
 from flock.agent.reconcile import Outcome, Reconciler
 from flock.apply.datapath import (
@@ -58,7 +59,11 @@ from flock.compile.annotations import AnnotationError, parse_annotations
 from flock.compile.ipam import Ipam, IpamError
 from flock.model.allocation import Allocation, AttachmentKey
 from flock.model.cni import (
+    ERR_ANNOTATION,
+    ERR_CHECK,
+    ERR_DATAPATH,
     ERR_INVALID_ENV,
+    ERR_IPAM,
     ERR_NOT_AVAILABLE,
     ERR_TRY_AGAIN,
     ERR_UNKNOWN_CONTAINER,
@@ -66,19 +71,37 @@ from flock.model.cni import (
     CniRequest,
 )
 from flock.model.pod import Pod
-from flock.model.request import PodIdentity
+from flock.model.request import PodIdentity, PodRequest
+
+# flock's codes are re-exported: they are what these verbs answer.
+__all__ = [
+    "ERR_ANNOTATION",
+    "ERR_CHECK",
+    "ERR_DATAPATH",
+    "ERR_IPAM",
+    "CniService",
+    "Datapath",
+    "Metrics",
+    "cni_result",
+    "prev_result_problems",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CNI_VERSION = "1.1.0"
+# How long a failed ADD waits for the pass that takes its policy out again.
+UNDO_SYNC_TIMEOUT = 10.0
 
-# flock's own CNI error codes (100+ are plugin-specific in the CNI spec).
-ERR_ANNOTATION = 100  # a pod annotation cannot be honoured (the message names it)
-ERR_IPAM = 101  # range exhausted, supplied address already held
-ERR_DATAPATH = 102  # the kernel refused part of the pod's network, or policy failed
-ERR_CHECK = 103  # CHECK found the pod's network not as ADD left it
+
+async def _settle(fut: asyncio.Future[None]) -> None:
+    """Await a store write whose outcome an undo step supersedes (never left unretrieved)."""
+    if not fut.cancelled():
+        with contextlib.suppress(Exception):
+            await fut
+
+
+CNI_VERSION = "1.1.0"
 
 
 class Datapath(Protocol):
@@ -127,6 +150,10 @@ class _KeyedLocks:
             else:
                 self._locks[key] = (lock, n - 1)
 
+    def busy(self, key: str) -> bool:
+        """Whether a verb holds or waits for `key`'s lock."""
+        return key in self._locks
+
 
 class CniService:
     """Executes CNI verbs against IPAM, the store, the datapath and the reconciler."""
@@ -145,10 +172,11 @@ class CniService:
         inspect: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.datastore = datastore
-        self.ipam = ipam
         self.store = store
         self.datapath = datapath
         self.reconciler = reconciler
+        # The attachment table (the one owner of allocation state), the reconciler's.
+        self.table = reconciler.adopt(ipam)
         self.metrics = metrics
         self.pod_wait = pod_wait
         self._locks = _KeyedLocks()
@@ -159,9 +187,6 @@ class CniService:
             tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]
         ] = collections.deque()
         self._writing = False  # a batch is with the store thread
-        # What the reconciler computes from: allocations whose network is built and
-        # that are not being deleted (a DEL withdraws before its veth goes).
-        self.index = reconciler.index
         self._inspect = inspect
         self.ready = False
         self._inflight = 0
@@ -170,9 +195,19 @@ class CniService:
 
     # ---- plumbing -------------------------------------------------------------
 
+    @property
+    def ipam(self) -> Ipam:
+        """The allocator behind the attachment table (read it; change it through the table)."""
+        return self.table.ipam
+
+    @property
+    def inflight(self) -> int:
+        """CNI verbs being executed right now."""
+        return self._inflight
+
     def allocations(self) -> list[Allocation]:
-        """Allocations that should be live (the reconciler's input)."""
-        return self.index.all()
+        """Every allocation held, whatever its attachment's state."""
+        return self.table.allocations()
 
     async def run_kernel(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a blocking kernel call in the thread pool (reconcile appliers use it too)."""
@@ -181,12 +216,6 @@ class CniService:
     async def _kernel(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, lambda: fn(*args, **kw))
-
-    async def _persist_put(self, alloc: Allocation) -> None:
-        await self._commit(alloc.key, alloc)
-
-    async def _persist_delete(self, key: AttachmentKey) -> None:
-        await self._commit(key, None)
 
     async def _commit(self, key: AttachmentKey, alloc: Allocation | None) -> None:
         """Durably record one change; returns once it is on disk."""
@@ -249,8 +278,10 @@ class CniService:
                 f.set_exception(err)
         self._write_next_batch()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def close(self, *, wait: bool = True) -> None:
+        """Stop the thread pools. `wait=False` (shutdown after the drain time ran out)
+        leaves a kernel call that is stuck where it is instead of waiting for it."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self._store_pool.shutdown(wait=True)
 
     async def handle(self, req: CniRequest) -> dict[str, Any]:
@@ -355,170 +386,166 @@ class CniService:
         )
 
     async def add(self, req: CniRequest) -> dict[str, Any]:
+        """ADD: a repeated ADD answers what the attachment has; else a fresh one."""
         if not req.container_id or not req.netns:
             raise CniError(ERR_INVALID_ENV, "ADD needs CNI_CONTAINERID and CNI_NETNS")
         if not self.ready:
             raise CniError(ERR_TRY_AGAIN, "flock agent is still starting (state not loaded)")
-        key = req.key
         async with self._locks.hold(req.container_id):
-            existing = self.ipam.get(key)
+            existing = self.table.get(req.key)
             if existing is not None:
-                # A repeated ADD (CNI: idempotent for the same container and ifname,
-                # e.g. a runtime retrying after a lost reply): put back only what is
-                # missing (setup_pod repairs an intact veth pair in place, so the pod
-                # keeps its interface and traffic) and answer the same result.
-                try:
-                    if existing.key not in self.index and self.reconciler.policy_active():
-                        # Not live here (e.g. its DEL failed half-way): policy before
-                        # the veth, as for a new pod.
-                        self.reconciler.hold_policy(existing)
-                        await self.reconciler.sync()
-                    links = await self._build(existing, req)
-                finally:
-                    self.reconciler.release_policy(existing.key)
-                self.index.put(existing)
-                if self.reconciler.affects(existing):
-                    await self.reconciler.sync()
-                else:
-                    self.reconciler.mark_dirty()
-                return cni_result(links)
-            t0 = time.perf_counter()
-            pod = await self._resolve_pod(req)
-            try:
-                node = await self.datastore.get_node_config()
-            except NodeConfigUnavailable as e:
-                raise CniError(ERR_TRY_AGAIN, f"no usable NodeConfig: {e}") from None
-            try:
-                request = parse_annotations(pod.annotations, node=node, namespace=pod.namespace)
-            except AnnotationError as e:
-                raise CniError(
-                    ERR_ANNOTATION, f"pod {pod.namespace}/{pod.name}: {e}", e.key or ""
-                ) from None
-            identity = PodIdentity(
-                namespace=pod.namespace, pod=pod.name, image=pod.images[0] if pod.images else ""
-            )
-            try:
-                alloc = self.ipam.allocate(
-                    key,
-                    request,
-                    namespace=pod.namespace,
-                    pod=pod.name,
-                    pod_uid=pod.uid or req.pod_uid,
-                    identity=identity,
-                    netns=req.netns,
-                    host_ifname=host_veth_name(key.container_id, key.ifname),
-                )
-            except IpamError as e:
-                raise CniError(ERR_IPAM, f"pod {pod.namespace}/{pod.name}: {e}") from None
-            t1 = time.perf_counter()
+                return await self._re_add(existing, req)
+            return await self._fresh_add(req)
+
+    async def _re_add(self, entry: Attachment, req: CniRequest) -> dict[str, Any]:
+        """A repeated ADD (CNI: idempotent for the same container and ifname, e.g. a
+        runtime retrying after a lost reply): put back only what is missing
+        (setup_pod repairs an intact veth pair in place, so the pod keeps its
+        interface and traffic) and answer the same result."""
+        alloc = entry.alloc
+        if entry.state is not State.WIRED and self.reconciler.policy_active():
+            # Not live here (its DEL failed half-way): policy before the veth, as for
+            # a new pod. The entry is still policed (withdrawing).
+            self._policy_in_place(alloc, await self._sync())
+        links = await self._build(alloc, req)
+        self.table.wire(alloc.key)
+        if self.reconciler.affects(alloc):
+            await self._sync()
+        else:
+            self.reconciler.mark_dirty()
+        return cni_result(links)
+
+    async def _fresh_add(self, req: CniRequest) -> dict[str, Any]:
+        """resolve -> admit -> persist (in the background) -> policy -> veth -> wired ->
+        routes and exports -> result. Each step that changes the world pushes its undo;
+        success pops them all (one rollback path)."""
+        t0 = time.perf_counter()
+        pod = await self._resolve_pod(req)
+        request = await self._parse(pod)
+        async with contextlib.AsyncExitStack() as undo:
+            alloc = self._admit(req, pod, request)
+            policed = self.reconciler.policy_active()
+            undo.push_async_callback(self._unadmit, alloc, policed)
             # Durable first: the store thread writes while policy and kernel work run.
             persist = self._start_commit(alloc.key, alloc)
-            policy_first = self.reconciler.policy_active()
-            try:
-                if policy_first:
-                    # The pod's policy (verdict-map entries under its veth's name, its
-                    # addresses in peer sets) goes into nftables before its veth and
-                    # host routes exist: no moment in which it is routed unprotected.
-                    self.reconciler.hold_policy(alloc)
-                    self._policy_in_place(pod, await self.reconciler.sync())
-                t2 = time.perf_counter()
-                links = await self._persist_and_build(alloc, req, persist)
-                t3 = time.perf_counter()
-                try:
-                    self.index.put(alloc)
-                    self.reconciler.release_policy(alloc.key)
-                    if self.reconciler.affects_routes(alloc) or (
-                        not policy_first and self.reconciler.policy_active()
-                    ):
-                        # Anycast routes and exports need the veth: they come after it
-                        # (and a policy that appeared since the check above, now).
-                        self._policy_in_place(pod, await self.reconciler.sync())
-                    elif not policy_first:  # nothing to route, export or protect
-                        self.reconciler.mark_dirty()
-                except BaseException:
-                    await self._teardown_quietly(alloc.host_ifname, req)
-                    raise
-            except BaseException:
-                if not persist.cancelled():
-                    with contextlib.suppress(Exception):
-                        await persist  # its outcome is superseded by the undo below
-                await self._undo_allocation(alloc, policy_applied=policy_first)
-                raise
-            # Logged after the reply is on its way (the RPC server writes it in this
-            # same loop step): formatting a structured record is not the pod's wait.
-            asyncio.get_running_loop().call_soon(
-                functools.partial(
-                    log.info,
-                    "ADD",
-                    extra={
-                        "pod": f"{pod.namespace}/{pod.name}",
-                        "container": req.container_id[:12],
-                        "v6": str(alloc.v6) if alloc.v6 else None,
-                        "v4": str(alloc.v4) if alloc.v4 else None,
-                        "anycast": [str(a) for a in alloc.anycast],
-                        "ready": pod.ready,
-                        # Where this ADD's time went (ms): resolve+parse+allocate,
-                        # policy before the veth, persist and kernel side by side,
-                        # reconcile after the veth (anycast, exports).
-                        "ms": {
-                            "resolve": round((t1 - t0) * 1000, 2),
-                            "policy": round((t2 - t1) * 1000, 2),
-                            "persist+kernel": round((t3 - t2) * 1000, 2),
-                            "reconcile": round((time.perf_counter() - t3) * 1000, 2),
-                        },
-                    },
-                )
+            undo.push_async_callback(_settle, persist)
+            t1 = time.perf_counter()
+            if policed:
+                # The pod's policy (verdict-map entries under its veth's name, its
+                # addresses in peer sets) goes into nftables before its veth and host
+                # routes exist: no moment in which it is routed unprotected.
+                self._policy_in_place(alloc, await self._sync())
+            t2 = time.perf_counter()
+            links = await self._build(alloc, req)
+            undo.push_async_callback(self._teardown_quietly, alloc.key, alloc.host_ifname)
+            await persist
+            t3 = time.perf_counter()
+            self.table.wire(alloc.key)
+            if self.reconciler.affects_routes(alloc) or (
+                not policed and self.reconciler.policy_active()
+            ):
+                # Anycast routes and exports need the veth: they come after it (and a
+                # policy that appeared since the check above, now).
+                self._policy_in_place(alloc, await self._sync())
+            else:  # nothing to route, export or protect now; the next pass catches up
+                self.reconciler.mark_dirty()
+            undo.pop_all()
+        self._log_add(req, pod, alloc, (t0, t1, t2, t3))
+        return cni_result(links)
+
+    async def _parse(self, pod: Pod) -> PodRequest:
+        try:
+            node = await self.datastore.get_node_config()
+        except NodeConfigUnavailable as e:
+            raise CniError(ERR_TRY_AGAIN, f"no usable NodeConfig: {e}") from None
+        try:
+            return parse_annotations(pod.annotations, node=node, namespace=pod.namespace)
+        except AnnotationError as e:
+            raise CniError(
+                ERR_ANNOTATION, f"pod {pod.namespace}/{pod.name}: {e}", e.key or ""
+            ) from None
+
+    def _admit(self, req: CniRequest, pod: Pod, request: PodRequest) -> Allocation:
+        identity = PodIdentity(
+            namespace=pod.namespace, pod=pod.name, image=pod.images[0] if pod.images else ""
+        )
+        try:
+            return self.table.admit(
+                req.key,
+                request,
+                namespace=pod.namespace,
+                pod=pod.name,
+                pod_uid=pod.uid or req.pod_uid,
+                identity=identity,
+                netns=req.netns,
+                host_ifname=host_veth_name(req.container_id, req.ifname),
             )
-            return cni_result(links)
+        except IpamError as e:
+            raise CniError(ERR_IPAM, f"pod {pod.namespace}/{pod.name}: {e}") from None
+
+    async def _unadmit(self, alloc: Allocation, policed: bool) -> None:
+        """Undo of `_admit` (a failed ADD): its policy entries go (awaited when a pass
+        may have put them in place, so they are gone when the error reaches the
+        runtime), then its addresses are released and the release persisted."""
+        self.table.unprotect(alloc.key)
+        if policed and self.reconciler.outcome.policy_ok:
+            outcome = await self._sync(UNDO_SYNC_TIMEOUT)
+            if not outcome.ok:
+                log.warning("rollback: removing the policy of %s: %s", alloc.key, outcome.error)
+        else:
+            self.reconciler.mark_dirty()
+        self.table.forget(alloc.key)
+        try:
+            await self._commit(alloc.key, None)
+        except Exception:
+            log.exception("rollback: could not persist the release of %s", alloc.key)
+
+    def _log_add(
+        self, req: CniRequest, pod: Pod, alloc: Allocation, marks: tuple[float, ...]
+    ) -> None:
+        """Logged after the reply is on its way (the RPC server writes it in this same
+        loop step): formatting a structured record is not the pod's wait."""
+        t0, t1, t2, t3 = marks
+        t4 = time.perf_counter()
+        asyncio.get_running_loop().call_soon(
+            functools.partial(
+                log.info,
+                "ADD",
+                extra={
+                    "pod": f"{pod.namespace}/{pod.name}",
+                    "container": req.container_id[:12],
+                    "v6": str(alloc.v6) if alloc.v6 else None,
+                    "v4": str(alloc.v4) if alloc.v4 else None,
+                    "anycast": [str(a) for a in alloc.anycast],
+                    "ready": pod.ready,
+                    # Where this ADD's time went (ms): resolve+parse+allocate, policy
+                    # before the veth, persist and kernel side by side, reconcile after
+                    # the veth (anycast, exports).
+                    "ms": {
+                        "resolve": round((t1 - t0) * 1000, 2),
+                        "policy": round((t2 - t1) * 1000, 2),
+                        "persist+kernel": round((t3 - t2) * 1000, 2),
+                        "reconcile": round((t4 - t3) * 1000, 2),
+                    },
+                },
+            )
+        )
+
+    async def _sync(self, timeout: float | None = None) -> Outcome:
+        try:
+            return await self.reconciler.sync(timeout)
+        except TimeoutError:
+            return Outcome(ok=False, policy_ok=False, error=f"no reconcile pass in {timeout}s")
 
     @staticmethod
-    def _policy_in_place(pod: Pod, outcome: Outcome) -> None:
+    def _policy_in_place(alloc: Allocation, outcome: Outcome) -> None:
         if not outcome.policy_ok:
             raise CniError(
                 ERR_DATAPATH,
-                f"pod {pod.namespace}/{pod.name}: network policy could not be "
+                f"pod {alloc.namespace}/{alloc.pod}: network policy could not be "
                 "put in place, refusing to start the pod unprotected",
                 outcome.error,
             )
-
-    async def _persist_and_build(
-        self, alloc: Allocation, req: CniRequest, persist: asyncio.Future[None]
-    ) -> PodNetResult:
-        """Make the allocation durable and build the pod's network, concurrently.
-
-        Safe to overlap: the result goes to the runtime only after both finished.
-        If the agent dies in between, either the store has the allocation (start-up
-        re-sync rebuilds or the runtime's DEL releases it) or it does not (then the
-        veth, if made, is one no allocation knows, and start-up re-sync removes it).
-
-        `persist` is the store write, already with the store thread (`_start_commit`).
-        When this is the only verb in flight, the kernel work (~1 ms) runs right
-        here on the event loop thread: nobody else is waiting for the loop, and a
-        hop to the kernel pool and back cost 0.1-0.9 ms more per ADD here (measured
-        alternately in one agent; the more the CPUs are loaded, the more it costs).
-        With other verbs in flight it runs in the pool, so they overlap.
-        """
-        build: PodNetResult | BaseException
-        try:
-            if self._inflight <= 1:
-                # Let verbs that are already scheduled register first: then they
-                # count as in flight and this build goes to the pool instead.
-                await asyncio.sleep(0)
-            if self._inflight <= 1:
-                build = self._build_now(alloc, req)
-            else:
-                build = await self._kernel(self._build_now, alloc, req)
-        except BaseException as e:
-            build = e
-        try:
-            await persist
-        except BaseException as e:
-            if isinstance(build, PodNetResult):
-                await self._teardown_quietly(alloc.host_ifname, req)
-            raise e from None
-        if isinstance(build, BaseException):
-            raise build
-        return build
 
     def _build_now(self, alloc: Allocation, req: CniRequest) -> PodNetResult:
         """Veth, addresses, routes (blocking); on failure nothing of it is left."""
@@ -537,12 +564,13 @@ class CniService:
             raise CniError(ERR_DATAPATH, f"setting up the pod network failed: {e}") from e
 
     async def _build(self, alloc: Allocation, req: CniRequest) -> PodNetResult:
-        """`_build_now` in the kernel pool."""
+        """`_build_now` in the kernel pool (never on the loop thread: it enters the
+        pod's namespace, and other verbs keep being served meanwhile)."""
         return await self._kernel(self._build_now, alloc, req)
 
-    async def _teardown_quietly(self, name: str, req: CniRequest) -> None:
+    async def _teardown_quietly(self, key: AttachmentKey, name: str) -> None:
         try:
-            await self._teardown(req.key, name)
+            await self._teardown(key, name)
         except Exception:
             log.exception("rollback: tearing down %s failed", name)
 
@@ -557,25 +585,6 @@ class CniService:
         except DatapathError as e:
             raise CniError(ERR_DATAPATH, f"removing the pod network failed: {e}") from e
 
-    async def _undo_allocation(self, alloc: Allocation, *, policy_applied: bool = False) -> None:
-        """Roll back an ADD: its policy entries go (awaited when a pass may have put
-        them in place, so they are gone when the error reaches the runtime), then
-        its address is released."""
-        self.index.remove(alloc.key)
-        self.reconciler.release_policy(alloc.key)
-        if policy_applied and self.reconciler.outcome.policy_ok:
-            try:
-                await self.reconciler.sync()
-            except Exception:
-                log.exception("rollback: removing the policy of %s failed", alloc.key)
-        else:
-            self.reconciler.mark_dirty()
-        self.ipam.release(alloc.key)
-        try:
-            await self._persist_delete(alloc.key)
-        except Exception:
-            log.exception("rollback: could not persist the release of %s", alloc.key)
-
     # ---- DEL ------------------------------------------------------------------
 
     async def delete(self, req: CniRequest) -> None:
@@ -583,59 +592,59 @@ class CniService:
             raise CniError(ERR_INVALID_ENV, "DEL needs CNI_CONTAINERID")
         await self._delete_key(req.key)
 
-    async def _delete_key(self, key: AttachmentKey) -> None:
+    async def _delete_key(self, key: AttachmentKey, *, only: Allocation | None = None) -> bool:
+        """DEL of one attachment; False when `only` is given and the attachment is no
+        longer that allocation (GC: a new ADD took the key meanwhile)."""
         async with self._locks.hold(key.container_id):
-            alloc = self.ipam.get(key)
-            if alloc is not None:
-                # Withdraw (anycast, exports) before the veth goes away; the pod's
-                # policy stays until the veth is gone (held for policy meanwhile).
-                self.index.remove(key)
-                self.reconciler.hold_policy(alloc)
-                try:
-                    if self.reconciler.affects_routes(alloc):
-                        await self.reconciler.sync()
-                except BaseException:
-                    self.index.put(alloc)
-                    self.reconciler.release_policy(key)
-                    raise
-            try:
-                await self._teardown(
-                    key,
-                    alloc.host_ifname if alloc else host_veth_name(key.container_id, key.ifname),
-                )
-            except BaseException:
-                if alloc is not None:
-                    self.index.put(alloc)  # still there: keep routing it
-                    self.reconciler.release_policy(key)
-                    self.reconciler.mark_dirty()
-                raise
-            if alloc is not None:
-                # Then its policy goes (before the address can be handed out again).
-                self.reconciler.release_policy(key)
-                if self.reconciler.policy_active():
-                    await self.reconciler.sync()
-                else:
-                    self.reconciler.mark_dirty()
-                self.ipam.release(key)
-                await self._persist_delete(key)
-                log.info(
-                    "DEL",
-                    extra={
-                        "pod": f"{alloc.namespace}/{alloc.pod}",
-                        "container": key.container_id[:12],
-                    },
-                )
+            entry = self.table.get(key)
+            if only is not None and (entry is None or entry.alloc is not only):
+                return False
+            if entry is None:  # unknown: remove a veth by its name, if any (idempotent)
+                await self._teardown(key, host_veth_name(key.container_id, key.ifname))
+                return True
+            await self._unwire(entry)
+            alloc = entry.alloc
+            # Then its policy goes (before the address can be handed out again).
+            self.table.unprotect(key)
+            if self.reconciler.policy_active():
+                await self._sync()
+            else:
+                self.reconciler.mark_dirty()
+            self.table.forget(key)
+            await self._commit(key, None)
+            log.info(
+                "DEL",
+                extra={"pod": f"{alloc.namespace}/{alloc.pod}", "container": key.container_id[:12]},
+            )
+            return True
+
+    async def _unwire(self, entry: Attachment) -> None:
+        """Withdraw (anycast, exports) before the veth goes away, then remove the veth;
+        the policy stays meanwhile. On failure the attachment is wired again."""
+        alloc = entry.alloc
+        async with contextlib.AsyncExitStack() as undo:
+            self.table.withdraw(alloc.key)
+            undo.callback(self._rewire, alloc.key)
+            if self.reconciler.affects_routes(alloc):
+                await self._sync()
+            await self._teardown(alloc.key, alloc.host_ifname)
+            undo.pop_all()
+
+    def _rewire(self, key: AttachmentKey) -> None:
+        self.table.wire(key)  # still there: keep routing it
+        self.reconciler.mark_dirty()
 
     # ---- CHECK ----------------------------------------------------------------
 
     async def check(self, req: CniRequest) -> None:
-        alloc = self.ipam.get(req.key)
-        if alloc is None:
-            raise CniError(
-                ERR_UNKNOWN_CONTAINER,
-                f"container {req.container_id} interface {req.ifname} has no flock allocation",
-            )
         async with self._locks.hold(req.container_id):
+            entry = self.table.get(req.key)
+            if entry is None:
+                raise CniError(
+                    ERR_UNKNOWN_CONTAINER,
+                    f"container {req.container_id} interface {req.ifname} has no flock allocation",
+                )
+            alloc = entry.alloc
             spec = PodNetSpec.from_allocation(replace(alloc, netns=req.netns or alloc.netns))
             problems = await self._kernel(self.datapath.check_pod, spec)
         problems += prev_result_problems(req.prev_result, alloc)
@@ -649,37 +658,39 @@ class CniService:
     # ---- GC -------------------------------------------------------------------
 
     async def gc(self, req: CniRequest) -> list[Allocation]:
+        """Release every attachment the runtime no longer lists, except those a verb is
+        working on (the runtime's list may predate an ADD in flight); then remove
+        veths and host routes of ours that no attachment accounts for."""
         live = set(req.valid_attachments)
         released: list[Allocation] = []
-        for alloc in self.ipam.all():
-            if alloc.key in live:
+        for entry in self.table:
+            if entry.key in live or self._locks.busy(entry.key.container_id):
                 continue
             try:
-                await self._delete_key(alloc.key)
+                if await self._delete_key(entry.key, only=entry.alloc):
+                    released.append(entry.alloc)
             except CniError as e:
-                log.warning("GC: could not release %s: %s", alloc.key, e.msg)
-                continue
-            released.append(alloc)
-        # Veths of ours that no allocation (and no live attachment) accounts for.
-        known = {a.host_ifname for a in self.ipam.all()}
+                log.warning("GC: could not release %s: %s", entry.key, e.msg)
+        # The kernel's listing first, then what is known: an ADD that completes in
+        # between is known by then (it is admitted before its veth exists).
+        veths = await self._kernel(self.datapath.list_host_veths)
+        known = {a.host_ifname for a in self.table.allocations()}
         known |= {host_veth_name(k.container_id, k.ifname) for k in live}
-        for veth in await self._kernel(self.datapath.list_host_veths):
+        for veth in veths:
             if veth.name not in known:
                 log.info("GC: removing leftover veth", extra={"ifname": veth.name})
                 await self._teardown(AttachmentKey("gc", "eth0"), veth.name)
         # Host routes of ours that no allocation accounts for (e.g. left by a crash
-        # between a veth's reuse and its routes' removal).
+        # between a veth's reuse and its routes' removal); the same order.
         routes = await self._kernel(self.datapath.list_pod_routes)
-        # After the listing: an allocation is made before its routes, so every
-        # listed route of a live pod is expected here.
-        expected = {(ip, a.host_ifname) for a in self.ipam.all() for ip in a.all_addresses}
+        expected = {(ip, a.host_ifname) for a in self.table.allocations() for ip in a.all_addresses}
         for r in routes:
             if (r.dst, r.ifname) not in expected:
                 log.info("GC: removing leftover host route", extra={"dst": str(r.dst)})
                 await self._kernel(self.datapath.delete_pod_route, r)
         if released:
             log.info("GC released %d attachments", len(released))
-        await self.reconciler.sync()
+        await self._sync()
         return released
 
     # ---- STATUS ---------------------------------------------------------------

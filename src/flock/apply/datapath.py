@@ -1,4 +1,10 @@
-"""The kernel side of one pod attachment (SPEC §4), plus the node's anycast routes.
+"""The kernel side of one pod attachment (SPEC §4): its links, addresses, routes, neighbours.
+
+`Datapath` is what the agent's `Datapath` protocol names; behind it are three
+concerns, each with its own state and lock: the pod links (setup, repair,
+check, teardown, listing: this module), the veth reaper (`flock.apply.reaper`,
+its own thread), and the node's anycast routes (`flock.apply.anycast`, its
+cache). The pure request plans are `flock.apply.podplan`.
 
 The agent calls these from a thread pool; every function blocks, and calls for
 different pods may run concurrently (each thread gets its own netlink socket,
@@ -29,9 +35,8 @@ Teardown is the slow part in the kernel: unregistering a veth waits for RCU
 (~30 ms here, whichever end is deleted; letting the runtime's netns deletion do
 it is asynchronous but costs the same kernel time). `teardown_pod` therefore
 cuts the pod off at once (link down: our routes and neighbours through it
-vanish; anycast hops through it are removed, ~0.15 ms) and a background reaper
-deletes retired veths by link group, at most 16 per group so that it holds RTNL
-(which every ADD needs) for ~4 ms at a time, one RCU wait per group.
+vanish; anycast hops through it are removed, ~0.15 ms) and the reaper deletes
+retired veths by link group, one RCU wait per group (`flock.apply.reaper`).
 
 Everything flock puts in the host's routing table carries `RTPROT_FLOCK` (70),
 so it is recognisably ours after a restart; host veths carry the `flk` prefix.
@@ -44,10 +49,10 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections.abc import Mapping, Sequence
 
 from flock.apply import rtnl
+from flock.apply.anycast import AnycastRoutes
 from flock.apply.nlsock import NetlinkError, RtnlSocket, write_sysctl
 from flock.apply.podplan import (
     GATEWAY_V4,
@@ -57,22 +62,25 @@ from flock.apply.podplan import (
     RTPROT_FLOCK,
     AnycastChange,
     DatapathError,
-    Hops,
     HostVeth,
     IPAddress,
     PodNetResult,
     PodNetSpec,
     PodRoute,
-    anycast_route_delete,
-    anycast_route_request,
     cidr,
     host_requests,
     host_veth_name,
-    plan_anycast,
     pod_requests,
     prefixlen,
-    route_hops,
     veth_macs,
+)
+from flock.apply.reaper import (
+    GONE,
+    REAP_BATCH,
+    RETIRED_GROUP,
+    RETIRED_MASK,
+    VethReaper,
+    is_retired,
 )
 from flock.apply.rtnl import Request
 
@@ -84,32 +92,20 @@ __all__ = [
     "RETIRED_GROUP",
     "RTPROT_FLOCK",
     "AnycastChange",
+    "AnycastRoutes",
     "Datapath",
     "DatapathError",
     "HostVeth",
     "PodNetResult",
     "PodNetSpec",
     "PodRoute",
+    "VethReaper",
     "host_veth_name",
+    "is_retired",
     "veth_macs",
 ]
 
 log = logging.getLogger(__name__)
-
-# Link groups of host veths that teardown has retired (down, routes gone) and the
-# reaper has yet to delete: 0x666c6b00 ("flk") plus a batch slot 0-255. One
-# RTM_DELLINK of a group unregisters all its links behind one RCU wait, so a
-# batch costs about what one veth does (~20-30 ms, off the DEL path). Batches are
-# capped at REAP_BATCH links because the unregister holds RTNL, which every ADD
-# needs: measured here, 16 veths hold it ~4 ms, 64 veths ~19 ms.
-RETIRED_GROUP = 0x666C6B00
-RETIRED_MASK = 0xFFFFFF00
-REAP_BATCH = 16
-_GONE = (errno.ENODEV, errno.ENOENT)
-
-
-def is_retired(group: int) -> bool:
-    return group & RETIRED_MASK == RETIRED_GROUP
 
 
 class Datapath:
@@ -130,35 +126,23 @@ class Datapath:
         reap_pause: float = 0.005,
     ) -> None:
         self.host_netns = host_netns
-        self.reap_delay = reap_delay
-        self.reap_pause = reap_pause
         self._manage_forwarding = manage_forwarding
         self._forwarding_done = False
         self._local = threading.local()
-        self._lock = threading.Lock()
-        # Held for a whole reaping round: a setup whose names clash with a retired
-        # veth must wait until the round that took that veth has deleted it, not
-        # return while another thread's round is still in progress.
-        self._reap_lock = threading.Lock()
-        # Host veth name -> ifindex, learnt at setup and from link dumps; an index
-        # gone stale (a veth deleted behind our back) shows up as a failed request,
-        # which drops the caches and retries from the kernel's own view.
-        self._ifindex: dict[str, int] = {}
-        # Our anycast routes as last applied (dst -> hops); None = read the kernel.
-        self._anycast_lock = threading.Lock()
-        self._anycast_have: dict[IPAddress, Hops] | None = None
+        self._lock = threading.Lock()  # the socket list and forwarding; never across a syscall
         self._sockets: list[RtnlSocket] = []
-        self._reap_wanted = threading.Event()
-        self._stop = threading.Event()
-        self._stopping = False
-        self._reaper: threading.Thread | None = None
-        # Retirement batches: the slot teardown fills now, how full it is, and the
-        # slots holding retired veths (added once a retire has succeeded).
-        self._slot = 0
-        self._slot_fill = 0
-        self._pending_slots: set[int] = set()
-        # setup_pod calls in progress: the reaper lets them finish before taking RTNL.
-        self._inflight = 0
+        self.reaper = VethReaper(
+            lambda: RtnlSocket(self.host_netns), delay=reap_delay, pause=reap_pause
+        )
+        self.anycast = AnycastRoutes(self._host)
+
+    @property
+    def reap_delay(self) -> float:
+        return self.reaper.delay
+
+    @reap_delay.setter
+    def reap_delay(self, value: float) -> None:
+        self.reaper.delay = value
 
     # sockets and lifecycle ------------------------------------------------------
 
@@ -173,23 +157,14 @@ class Datapath:
 
     def close(self) -> None:
         """Stop the reaper after a last reap, and close every socket this object opened."""
-        with self._lock:
-            self._stopping = True
-            reaper = self._reaper
-        self._stop.set()
-        self._reap_wanted.set()
-        if reaper is not None:
-            reaper.join()
-        if self._pending_slots:  # retired while the reaper was finishing its last round
-            try:
-                self.reap()
-            except Exception:
-                log.exception("final reap of retired veths failed")
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
-        self._local = threading.local()
+        try:
+            self.reaper.close(self._host())
+        finally:
+            with self._lock:
+                for sock in self._sockets:
+                    sock.close()
+                self._sockets.clear()
+            self._local = threading.local()
 
     def __enter__(self) -> Datapath:
         return self
@@ -220,9 +195,7 @@ class Datapath:
             self.ensure_forwarding()
         host = self._host()
         host_mac, pod_mac = veth_macs(spec.container_id, spec.ifname)
-        with self._lock:
-            self._inflight += 1
-        try:
+        with self.reaper.setup():
             if not self._create_veth(host, spec, host_mac=host_mac, pod_mac=pod_mac):
                 # This attachment's veth pair already exists: a repeated ADD or the
                 # start-up re-sync. Repair in place what is missing, so a running pod
@@ -240,9 +213,6 @@ class Datapath:
                 except Exception:  # keep the original error; this one is only logged
                     log.exception("rollback: deleting veth %s failed", spec.host_ifname)
                 raise
-        finally:
-            with self._lock:
-                self._inflight -= 1
 
     def _veth_request(
         self, spec: PodNetSpec, netns_fd: int, *, host_mac: str, pod_mac: str
@@ -370,8 +340,7 @@ class Datapath:
         self, spec: PodNetSpec, hlink: rtnl.Link, plink: rtnl.Link, *, host_mac: str, pod_mac: str
     ) -> PodNetResult:
         """What ADD reports for a configured (or repaired) pair; remembers the host ifindex."""
-        with self._lock:
-            self._ifindex[spec.host_ifname] = hlink.index
+        self.anycast.remember(spec.host_ifname, hlink.index)
         return PodNetResult(
             host_ifname=spec.host_ifname,
             host_mac=host_mac,
@@ -389,7 +358,7 @@ class Datapath:
         try:
             host.call(Request(rtnl.RTM_DELLINK, 0, rtnl.link_by_name(name), f"delete veth {name}"))
         except NetlinkError as exc:
-            if exc.errno in _GONE:
+            if exc.errno in GONE:
                 return False
             raise DatapathError(str(exc)) from exc
         return True
@@ -418,8 +387,7 @@ class Datapath:
         if not name.startswith(HOST_VETH_PREFIX):
             raise ValueError(f"refusing to delete {name!r}: not a flock veth")
         host = self._host()
-        with self._lock:
-            self._ifindex.pop(name, None)
+        self.anycast.forget(name)
         try:
             link = host.get_link(name)
             if link is None:
@@ -428,10 +396,9 @@ class Datapath:
                 raise DatapathError(f"refusing to delete {name}: a {link.kind or 'non-veth'} link")
             retired_before = is_retired(link.group)
             if retired_before:
-                with self._lock:
-                    self._pending_slots.add(link.group & ~RETIRED_MASK)
+                self.reaper.retired(link.group & ~RETIRED_MASK)
             else:
-                slot = self._take_slot()
+                slot = self.reaper.take_slot()
                 host.call(
                     Request(
                         rtnl.RTM_SETLINK,
@@ -439,128 +406,22 @@ class Datapath:
                         rtnl.link_retire(name=name, group=RETIRED_GROUP | slot),
                         f"set {name} down for deletion",
                     ),
-                    ignore=_GONE,
+                    ignore=GONE,
                 )
-                with self._lock:
-                    self._pending_slots.add(slot)
-                self._drop_anycast_hops(host, link.index)
+                self.reaper.retired(slot)
+                self.anycast.drop_hops(host, link.index)
         except NetlinkError as exc:
             raise DatapathError(str(exc)) from exc
         if wait:
             self.reap()
         else:
-            self._schedule_reap()
+            self.reaper.schedule(host)
         return not retired_before
-
-    def _drop_anycast_hops(self, host: RtnlSocket, index: int) -> None:
-        """Take hops through link `index` out of our anycast routes (kernel-filtered dump)."""
-        with self._anycast_lock:
-            reqs: list[Request] = []
-            changed: dict[IPAddress, Hops | None] = {}
-            for fam in (socket.AF_INET6, socket.AF_INET):
-                for r in host.routes(fam, proto=RTPROT_FLOCK, oif=index):
-                    if r.dst is None or r.table != rtnl.RT_TABLE_MAIN:
-                        continue
-                    if r.gateway is None and not r.multipath:
-                        continue  # a pod route: went with the link going down
-                    left = [(gw, oif) for gw, oif in route_hops(r) if oif != index and gw]
-                    if left:
-                        reqs.append(anycast_route_request(r.dst, left, replace=True))
-                        changed[r.dst] = frozenset(left)
-                    else:
-                        reqs.append(anycast_route_delete(r.dst))
-                        changed[r.dst] = None
-            errors = [e for e in host.batch(reqs) if e.errno != errno.ESRCH]
-            if errors:
-                self._anycast_have = None
-                raise errors[0]
-            if self._anycast_have is not None:
-                for dst, hops in changed.items():
-                    if hops is None:
-                        self._anycast_have.pop(dst, None)
-                    else:
-                        self._anycast_have[dst] = hops
-
-    def _take_slot(self) -> int:
-        with self._lock:
-            slot = self._slot
-            self._slot_fill += 1
-            if self._slot_fill >= REAP_BATCH:
-                self._slot, self._slot_fill = (slot + 1) % 256, 0
-            return slot
-
-    def _schedule_reap(self) -> None:
-        with self._lock:
-            if self._stopping:
-                reap_now = True
-            else:
-                reap_now = False
-                if self._reaper is None:
-                    self._reaper = threading.Thread(
-                        target=self._reap_loop, name="flock-veth-reaper", daemon=True
-                    )
-                    self._reaper.start()
-        if reap_now:
-            self.reap()
-        else:
-            self._reap_wanted.set()
-
-    def _reap_loop(self) -> None:
-        sock = RtnlSocket(self.host_netns)
-        try:
-            while True:
-                self._reap_wanted.wait()
-                self._stop.wait(self.reap_delay)  # gather a batch; close() cuts it short
-                self._reap_wanted.clear()
-                try:
-                    self._reap_with(sock, pause=0.0 if self._stopping else self.reap_pause)
-                except Exception:
-                    log.exception("reaping retired veths failed; will retry on the next teardown")
-                if self._stopping:
-                    return
-        finally:
-            sock.close()
-
-    def _reap_with(self, sock: RtnlSocket, *, pause: float = 0.0) -> None:
-        with self._reap_lock:
-            self._reap_round(sock, pause=pause)
-
-    def _reap_round(self, sock: RtnlSocket, *, pause: float) -> None:
-        with self._lock:
-            slots = sorted(self._pending_slots)
-            self._pending_slots.clear()
-            if self._slot in slots:  # close the batch being filled
-                self._slot, self._slot_fill = (self._slot + 1) % 256, 0
-        try:
-            for n, slot in enumerate(slots):
-                if pause:
-                    if n:
-                        time.sleep(pause)
-                    self._wait_for_quiet(limit=20 * pause)
-                sock.call(
-                    Request(
-                        rtnl.RTM_DELLINK,
-                        0,
-                        rtnl.group_delete(RETIRED_GROUP | slot),
-                        f"delete retired veths (batch {slot})",
-                    ),
-                    ignore=_GONE,
-                )
-        except BaseException:
-            with self._lock:
-                self._pending_slots.update(slots)
-            raise
-
-    def _wait_for_quiet(self, *, limit: float) -> None:
-        """Let setups in progress finish (bounded by `limit` seconds) before taking RTNL."""
-        deadline = time.monotonic() + limit
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.0005)
 
     def reap(self) -> None:
         """Delete every retired veth now (wait=True teardown, setup's name clashes, tests)."""
         try:
-            self._reap_with(self._host())
+            self.reaper.reap_now(self._host())
         except NetlinkError as exc:
             raise DatapathError(str(exc)) from exc
 
@@ -677,9 +538,8 @@ class Datapath:
         retired = {ln.group & ~RETIRED_MASK for ln in ours if is_retired(ln.group)}
         if retired:
             # Retired before a restart (or not yet reaped): have them deleted.
-            with self._lock:
-                self._pending_slots.update(retired)
-            self._schedule_reap()
+            self.reaper.retired(*retired)
+            self.reaper.schedule(self._host())
         return [
             HostVeth(name=ln.name, index=ln.index, mac=ln.mac, up=bool(ln.flags & rtnl.IFF_UP))
             for ln in ours
@@ -709,16 +569,7 @@ class Datapath:
     def list_anycast_routes(self) -> dict[IPAddress, tuple[tuple[IPAddress, str], ...]]:
         """Our anycast routes: destination -> sorted (via pod unicast, host veth name)."""
         routes, names = self._our_routes()
-        out: dict[IPAddress, tuple[tuple[IPAddress, str], ...]] = {}
-        for r in routes:
-            if r.dst is None or (r.gateway is None and not r.multipath):
-                continue
-            hops = sorted(
-                ((gw, names.get(idx, f"#{idx}")) for gw, idx in route_hops(r) if gw is not None),
-                key=lambda h: (int(h[0]), h[1]),
-            )
-            out[r.dst] = tuple(hops)
-        return out
+        return self.anycast.listing(routes, names)
 
     def delete_pod_route(self, route: PodRoute) -> None:
         """Remove one leftover pod host route of ours (GC); missing is success."""
@@ -740,7 +591,7 @@ class Datapath:
         except NetlinkError as exc:
             raise DatapathError(str(exc)) from exc
 
-    # anycast ---------------------------------------------------------------------
+    # anycast (flock.apply.anycast) -----------------------------------------------
 
     def reconcile_anycast(
         self,
@@ -748,108 +599,9 @@ class Datapath:
         *,
         full: bool = False,
     ) -> AnycastChange:
-        """Make our anycast host routes exactly `desired`: ip -> [(via pod unicast, veth)].
-
-        One route per anycast IP; several hops make it one multipath route. Our
-        routes not desired are removed; routes of other protocols are never
-        touched. Hops whose veth is missing or retired are skipped (the pod is
-        going away); an IP left with no hop is removed.
-
-        Cost is O(changes): the routes last applied and veth indexes are cached.
-        `full=True` (the agent's periodic resync) reads the kernel first. When a
-        request fails, the caches are dropped and the whole reconcile runs once
-        more from the kernel's view; a second failure raises DatapathError
-        listing every failed change.
-        """
-        for dst, hops in desired.items():
-            for gw, _ifname in hops:
-                if gw.version != dst.version:
-                    raise ValueError(f"anycast {dst}: next hop {gw} is of the other family")
-        with self._anycast_lock:
-            host = self._host()
-            if not full and self._anycast_have is not None:
-                change, errors = self._apply_anycast(host, desired, refresh=False)
-                if not errors:
-                    return change
-                log.info("anycast reconcile from cache failed, rereading the kernel: %s", errors)
-            change, errors = self._apply_anycast(host, desired, refresh=True)
-            if errors:
-                raise DatapathError("; ".join(str(e) for e in errors))
-            return change
+        """`AnycastRoutes.reconcile`: our anycast host routes made exactly `desired`."""
+        return self.anycast.reconcile(desired, full=full)
 
     def set_anycast(self, dst: IPAddress, hops: Sequence[tuple[IPAddress, str]]) -> bool:
-        """One anycast IP's route, now: `hops` [(via pod unicast, veth)], none = no route.
-
-        The O(1) path for a single readiness change (one request), next to the
-        whole-set `reconcile_anycast`. Returns False when no hop's veth exists
-        (then the route is removed).
-        """
-        for gw, _ifname in hops:
-            if gw.version != dst.version:
-                raise ValueError(f"anycast {dst}: next hop {gw} is of the other family")
-        with self._anycast_lock:
-            host = self._host()
-            for attempt in (0, 1):
-                index = self._indexes(host, {ifn for _gw, ifn in hops}, refresh=attempt == 1)
-                resolved = frozenset((gw, index[ifn]) for gw, ifn in hops if ifn in index)
-                if resolved:
-                    req = anycast_route_request(dst, list(resolved), replace=True)
-                else:
-                    req = anycast_route_delete(dst)
-                errors = [
-                    e for e in host.batch([req]) if not (e.errno == errno.ESRCH and not resolved)
-                ]
-                if not errors:
-                    if self._anycast_have is not None:
-                        if resolved:
-                            self._anycast_have[dst] = resolved
-                        else:
-                            self._anycast_have.pop(dst, None)
-                    return bool(resolved)
-                self._anycast_have = None
-            raise DatapathError(str(errors[0]))
-
-    def _apply_anycast(
-        self,
-        host: RtnlSocket,
-        desired: Mapping[IPAddress, Sequence[tuple[IPAddress, str]]],
-        *,
-        refresh: bool,
-    ) -> tuple[AnycastChange, list[NetlinkError]]:
-        if refresh or self._anycast_have is None:
-            self._anycast_have = self._read_anycast(host)
-        names = {ifname for hops in desired.values() for _gw, ifname in hops}
-        index = self._indexes(host, names, refresh=refresh)
-        want: dict[IPAddress, Hops] = {}
-        for dst, hops in desired.items():
-            resolved = frozenset((gw, index[ifn]) for gw, ifn in hops if ifn in index)
-            if resolved:
-                want[dst] = resolved
-        reqs, change = plan_anycast(want, self._anycast_have)
-        errors = [
-            e for e in host.batch(reqs) if not (e.errno == errno.ESRCH and "delete" in e.what)
-        ]
-        self._anycast_have = None if errors else want
-        return change, errors
-
-    def _read_anycast(self, host: RtnlSocket) -> dict[IPAddress, Hops]:
-        return {
-            r.dst: route_hops(r)
-            for fam in (socket.AF_INET6, socket.AF_INET)
-            for r in host.routes(fam, proto=RTPROT_FLOCK)
-            if r.proto == RTPROT_FLOCK
-            and r.table == rtnl.RT_TABLE_MAIN
-            and r.dst is not None
-            and (r.gateway is not None or r.multipath)
-        }
-
-    def _indexes(self, host: RtnlSocket, names: set[str], *, refresh: bool) -> dict[str, int]:
-        """ifindex of each live (not retired) host link in `names`; absent ones are left out."""
-        with self._lock:
-            missing = refresh or any(n not in self._ifindex for n in names)
-        if missing:
-            fresh = {ln.name: ln.index for ln in host.links() if not is_retired(ln.group)}
-            with self._lock:
-                self._ifindex = fresh
-        with self._lock:
-            return {n: self._ifindex[n] for n in names if n in self._ifindex}
+        """`AnycastRoutes.set_route`: one anycast IP's route, now."""
+        return self.anycast.set_route(dst, hops)

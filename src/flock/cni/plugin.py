@@ -52,7 +52,9 @@ CONNECT_WAIT = 2.0  # rides out an agent restart that is replacing its socket
 MAX_STDIN = 16 << 20
 MAX_REPLY = 16 << 20
 
-# Well-known CNI error codes (spec section 5, "Error").
+# The plugin <-> agent contract is defined here, once: this stdlib-only module is the
+# leaf the agent imports it from (flock.model.cni, flock.agent.rpc), so the two sides
+# cannot drift apart. Well-known CNI error codes (spec section 5, "Error"):
 ERR_INCOMPATIBLE_VERSION = 1
 ERR_UNSUPPORTED_FIELD = 2
 ERR_UNKNOWN_CONTAINER = 3
@@ -60,10 +62,16 @@ ERR_INVALID_ENV = 4
 ERR_IO = 5
 ERR_DECODE = 6
 ERR_INVALID_CONFIG = 7
-ERR_TRY_AGAIN_LATER = 11
+ERR_INVALID_NETNS = 8
+ERR_TRY_AGAIN = 11
 ERR_NOT_AVAILABLE = 50
 ERR_LIMITED_CONNECTIVITY = 51
 ERR_INTERNAL = 999
+# flock's own codes (100+ are plugin-specific in the CNI spec); the agent answers them.
+ERR_ANNOTATION = 100  # a pod annotation cannot be honoured (the message names it)
+ERR_IPAM = 101  # range exhausted, supplied address already held
+ERR_DATAPATH = 102  # the kernel refused part of the pod's network, or policy failed
+ERR_CHECK = 103  # CHECK found the pod's network not as ADD left it
 
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 # Commands introduced after 0.3.x: the runtime must not ask for them at an older version.
@@ -733,7 +741,7 @@ def forward(
             ) from None
         if command != "DEL":
             raise Failure(
-                ERR_TRY_AGAIN_LATER,
+                ERR_TRY_AGAIN,
                 "the flock agent is not reachable",
                 f"{e.detail}; {_HINT_AGENT}",
             ) from None
@@ -743,7 +751,7 @@ def forward(
             where = defer_del(state_dir, request)
         except OSError as oe:
             raise Failure(
-                ERR_TRY_AGAIN_LATER,
+                ERR_TRY_AGAIN,
                 "the flock agent is not reachable and the DEL could not be recorded for it",
                 f"{e.detail}; recording under {state_dir}/{DEFERRED_DEL_DIRNAME} failed: {oe}",
             ) from None

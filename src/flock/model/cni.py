@@ -16,21 +16,56 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
+from flock.cni.plugin import (
+    ERR_ANNOTATION,
+    ERR_CHECK,
+    ERR_DATAPATH,
+    ERR_DECODE,
+    ERR_INCOMPATIBLE_VERSION,
+    ERR_INTERNAL,
+    ERR_INVALID_CONFIG,
+    ERR_INVALID_ENV,
+    ERR_INVALID_NETNS,
+    ERR_IO,
+    ERR_IPAM,
+    ERR_LIMITED_CONNECTIVITY,
+    ERR_NOT_AVAILABLE,
+    ERR_TRY_AGAIN,
+    ERR_UNKNOWN_CONTAINER,
+    ERR_UNSUPPORTED_FIELD,
+    ifname_problem,
+)
+from flock.cni.plugin import valid_name as valid_cni_name
 from flock.model.allocation import AttachmentKey
 
-# Well-known CNI error codes (CNI spec 1.1.0, section 5 "Error"). 100+ are plugin-specific.
-ERR_INCOMPATIBLE_VERSION: Final = 1
-ERR_UNSUPPORTED_FIELD: Final = 2
-ERR_UNKNOWN_CONTAINER: Final = 3
-ERR_INVALID_ENV: Final = 4
-ERR_IO: Final = 5
-ERR_DECODE: Final = 6
-ERR_INVALID_CONFIG: Final = 7
-ERR_INVALID_NETNS: Final = 8
-ERR_TRY_AGAIN: Final = 11
-ERR_NOT_AVAILABLE: Final = 50
-ERR_LIMITED_CONNECTIVITY: Final = 51
-ERR_INTERNAL: Final = 999
+# The CNI error codes, flock's own (100-103) and the name validators are defined
+# once, by the stdlib-only plugin (the leaf of the plugin <-> agent contract, which
+# cannot import flock); re-exported here for the agent.
+__all__ = [
+    "COMMANDS",
+    "ERR_ANNOTATION",
+    "ERR_CHECK",
+    "ERR_DATAPATH",
+    "ERR_DECODE",
+    "ERR_INCOMPATIBLE_VERSION",
+    "ERR_INTERNAL",
+    "ERR_INVALID_CONFIG",
+    "ERR_INVALID_ENV",
+    "ERR_INVALID_NETNS",
+    "ERR_IO",
+    "ERR_IPAM",
+    "ERR_LIMITED_CONNECTIVITY",
+    "ERR_NOT_AVAILABLE",
+    "ERR_TRY_AGAIN",
+    "ERR_UNKNOWN_CONTAINER",
+    "ERR_UNSUPPORTED_FIELD",
+    "CniError",
+    "CniRequest",
+    "Command",
+    "ifname_problem",
+    "normalise_result",
+    "valid_cni_name",
+]
 
 Command = Literal["ADD", "DEL", "CHECK", "GC", "STATUS"]
 COMMANDS: Final[tuple[Command, ...]] = ("ADD", "DEL", "CHECK", "GC", "STATUS")
@@ -40,8 +75,6 @@ _REQUIRED: Final[dict[str, tuple[str, ...]]] = {
     "CHECK": ("containerID", "netns", "ifname"),
     "DEL": ("containerID", "ifname"),
 }
-_NAME_FIRST = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-_NAME_REST = _NAME_FIRST | frozenset("_.-")
 
 
 class CniError(Exception):
@@ -64,24 +97,6 @@ class CniError(Exception):
 
     def __repr__(self) -> str:
         return f"CniError({self.code}, {self.msg!r}, {self.details!r})"
-
-
-def valid_cni_name(name: str) -> bool:
-    """Container IDs and network names: ``[a-zA-Z0-9][a-zA-Z0-9_.-]*``."""
-    return bool(name) and name[0] in _NAME_FIRST and all(c in _NAME_REST for c in name[1:])
-
-
-def ifname_problem(name: str) -> str:
-    """Why `name` cannot be a Linux interface name, or '' if it can."""
-    if not name:
-        return "is empty"
-    if len(name.encode()) > 15:
-        return "is longer than 15 bytes"
-    if name in (".", ".."):
-        return "is . or .."
-    if any(c in "/:" or c.isspace() for c in name):
-        return "contains '/', ':' or whitespace"
-    return ""
 
 
 def _utf8(text: str) -> bool:
