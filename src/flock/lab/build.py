@@ -19,6 +19,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from flock.lab import control
 from flock.lab import router as lab_router
 from flock.lab import state as lab_state
 from flock.lab.core import (
@@ -56,10 +57,16 @@ def _preflight() -> None:
         )
 
 
-def up(topo: Topology, *, progress: Progress = _quiet) -> str:
-    """Build the lab; on any failure, tear down what was built and re-raise."""
+def up(topo: Topology, *, progress: Progress = _quiet, standalone: bool = True) -> str:
+    """Build the lab; on any failure, tear down what was built and re-raise.
+
+    By default the cluster objects live in a real kube-apiserver (`flock.lab.control`);
+    `standalone` uses a manifests directory instead (no API server, no Go tools).
+    """
     validate(topo)
     _preflight()
+    if not standalone:
+        control.preflight()
     leftovers = lab_state.lab_netns(topo.name)
     if leftovers and not lab_state.run_dir(topo.name).exists():
         raise LabError(
@@ -71,6 +78,7 @@ def up(topo: Topology, *, progress: Progress = _quiet) -> str:
     except LabExistsError as e:
         raise LabError(str(e)) from None
     st.topology = topo.model_dump(mode="json", by_alias=True)
+    st.datastore = "manifests" if standalone else "kube"
     st.save()
     lab = Lab(st)
     started = time.monotonic()
@@ -102,7 +110,11 @@ def _build(lab: Lab, progress: Progress) -> None:
     for n in topo.nodes:
         progress(f"[2/6] node {n.name}: namespace {node_netns(lab.name, n.name)}, uplink")
         _make_node(lab, n.name)
-    progress(f"[3/6] datastore: manifests in {lab.manifests_dir}")
+    if lab.state.datastore == "kube":
+        progress(f"[3/6] datastore: etcd + kube-apiserver in {control.api_netns(lab.name)}")
+        control.start(lab, progress)
+    else:
+        progress(f"[3/6] datastore: manifests in {lab.manifests_dir}")
     for n in topo.nodes:
         lab.datastore.put_node_config(topo.nodeconfig(n.name))
     for ns in sorted({p.namespace for p in topo.pods} | {"default"}):
@@ -192,6 +204,15 @@ def _summary(lab: Lab, seconds: float) -> str:
     lines += [
         f"    ip netns exec {lab.router_ns} vtysh --vty_socket {lab.router_dir} -d bgpd "
         "-c 'show bgp summary'",
+        *(
+            [
+                f"  Kubernetes: flock lab kubectl{flag} get pods -o wide | get nodeconfigs",
+                f"    kubeconfig {lab.state.dir / 'kubeconfig'} "
+                f"(inside: ip netns exec {control.api_netns(lab.name)} ...)",
+            ]
+            if lab.state.datastore == "kube"
+            else []
+        ),
         f"  files: {lab.state.dir}",
         f"  remove it: flock lab down{flag}",
     ]

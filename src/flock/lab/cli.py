@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from pathlib import Path
 from flock import ANNOTATION_PREFIX
 from flock.lab import build, checks, core, inspect, pods, routes
 from flock.lab import state as lab_state
+from flock.lab.datastore import Kubectl
 from flock.lab.topology import DEFAULT_LAB_NAME, PodSpec, TopologyError
 from flock.lab.view import render_checks, render_text
 
@@ -50,6 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     up = verb("up", "deploy a lab from a topology file (default: the built-in topology)")
     up.add_argument("topology", nargs="?", type=Path, help="topology YAML (see examples/)")
     up.add_argument("--name", help="override the topology's lab name")
+    mode = up.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--standalone",
+        dest="standalone",
+        action="store_true",
+        default=True,
+        help="no API server: the agents read a manifests directory (no Go tools needed)",
+    )
+    mode.add_argument(
+        "--kube",
+        dest="standalone",
+        action="store_false",
+        help="cluster objects in a real etcd + kube-apiserver (scripts/build-tools builds them)",
+    )
 
     verb("down", "destroy a lab: namespaces, processes, files (also after a crash)")
 
@@ -87,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     verb("test", "run the built-in checks; exit status 0 only if all pass")
+
+    kc = verb("kubectl", "run kubectl against the lab's API server (as admin)")
+    kc.add_argument("args", nargs=argparse.REMAINDER, help="-- KUBECTL ARGS...")
 
     va = verb("validate", "validate a topology file without creating anything")
     va.add_argument("topology", nargs="?", type=Path)
@@ -161,7 +180,7 @@ def _validate(ns: argparse.Namespace) -> int:
 
 def _up(ns: argparse.Namespace) -> int:
     topo = core.load_topology(ns.topology, name=ns.name)
-    print(build.up(topo, progress=_say))
+    print(build.up(topo, progress=_say, standalone=ns.standalone))
     return 0
 
 
@@ -220,6 +239,17 @@ def _exec(ns: argparse.Namespace) -> int:
     return pods.exec_in_pod(_lab_name(ns.name), ns.pod, cmd)
 
 
+def _kubectl(ns: argparse.Namespace) -> int:
+    args = list(ns.args)
+    if args and args[0] == "--":
+        args = args[1:]
+    lab = core.Lab.open(_lab_name(ns.name))
+    if lab.state.datastore != "kube":
+        raise UsageError(f"lab '{lab.name}' runs standalone (no API server): nothing to kubectl")
+    kubectl = Kubectl.load(lab.state.dir)
+    return subprocess.call(kubectl.argv(*args))
+
+
 def _test(ns: argparse.Namespace) -> int:
     name = _lab_name(ns.name)
     print(f"running the built-in checks against lab '{name}' ...", flush=True)
@@ -238,5 +268,6 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "delete-pod": _delete_pod,
     "exec": _exec,
     "test": _test,
+    "kubectl": _kubectl,
     "validate": _validate,
 }

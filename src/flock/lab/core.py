@@ -90,7 +90,14 @@ class Lab:
     def __init__(self, st: LabState) -> None:
         self.state = st
         self.topo = Topology.model_validate(st.topology)
-        self.datastore: LabDatastore = open_datastore(st.datastore, st.dir)
+        self._datastore: LabDatastore | None = None
+
+    @property
+    def datastore(self) -> LabDatastore:
+        """Opened on first use: the Kubernetes one exists only once the API server is up."""
+        if self._datastore is None:
+            self._datastore = open_datastore(self.state.datastore, self.state.dir)
+        return self._datastore
 
     @classmethod
     def open(cls, name: str) -> Lab:

@@ -267,6 +267,7 @@ class ApiServer:
         self,
         *,
         prefix: str = "fkapi",
+        netns_name: str | None = None,
         users: Iterable[User] = (),
         extra_sans: Sequence[str] = (),
         bind_address: str = "::",
@@ -278,7 +279,8 @@ class ApiServer:
         extra_args: Sequence[str] = (),
         ready_timeout: float = 90,
     ) -> None:
-        self.netns = netns.unique_name(prefix, 8)
+        # `netns_name` fixes the name (the lab's `fl-<lab>-api`, found by `down` by prefix).
+        self.netns = netns_name or netns.unique_name(prefix, 8)
         self.netns_path = netns.path(self.netns)
         self.users: dict[str, User] = {ADMIN: User(ADMIN, groups=("system:masters",))}
         for u in users:
@@ -296,8 +298,8 @@ class ApiServer:
         self.url = f"https://127.0.0.1:{APISERVER_PORT}"
         self.dir = Path()
         self.readyz_seconds = 0.0
-        self._etcd: subprocess.Popen[bytes] | None = None
-        self._apiserver: subprocess.Popen[bytes] | None = None
+        self._etcd: Daemon | None = None
+        self._apiserver: Daemon | None = None
         self._dialer: NetnsDialer | None = None
         self._forwarder: LoopbackForwarder | None = None
         self._netns_made = False
@@ -382,7 +384,7 @@ class ApiServer:
             self._forwarder = None
         self.stop_apiserver()
         if self._etcd is not None:
-            _terminate(self._etcd)
+            self._etcd.terminate()
             self._etcd = None
         if self._dialer is not None:
             self._dialer.close()
@@ -395,7 +397,7 @@ class ApiServer:
 
     def start_apiserver(self) -> float:
         """Start kube-apiserver (etcd must run) and wait for /readyz; returns the seconds."""
-        if self._apiserver is not None and self._apiserver.poll() is None:
+        if self._apiserver is not None and self._apiserver.running():
             raise ApiServerError("kube-apiserver is already running")
         t0 = time.monotonic()
         self._apiserver = self._spawn(
@@ -417,7 +419,7 @@ class ApiServer:
     def stop_apiserver(self) -> None:
         """Stop kube-apiserver only (an API outage); etcd and the forwarder stay."""
         if self._apiserver is not None:
-            _terminate(self._apiserver)
+            self._apiserver.terminate()
             self._apiserver = None
         if self._forwarder is not None:
             self._forwarder.drop_connections()
@@ -579,7 +581,7 @@ class ApiServer:
     def pids(self) -> dict[str, int]:
         out = {}
         for name, proc in (("etcd", self._etcd), ("kube-apiserver", self._apiserver)):
-            if proc is not None and proc.poll() is None:
+            if proc is not None and proc.running():
                 out[name] = proc.pid
         return out
 
@@ -594,17 +596,19 @@ class ApiServer:
 
     # ---- internals ---------------------------------------------------------------------
 
-    def _spawn(self, binary: Path, args: Sequence[str], log: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, binary: Path, args: Sequence[str], log: str) -> Daemon:
         # nsenter execs the binary: the Popen's PID is the daemon's own, killed by PID.
+        exe = os.path.realpath(binary)
         with open(self.dir / log, "ab") as out:
-            return subprocess.Popen(
-                ["nsenter", f"--net={self.netns_path}", str(binary), *args],
+            popen = subprocess.Popen(
+                ["nsenter", f"--net={self.netns_path}", exe, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 cwd=self.dir,
             )
+        return Daemon(popen.pid, exe, popen)
 
     def _etcd_args(self) -> list[str]:
         client = f"http://127.0.0.1:{ETCD_PORT}"
@@ -710,7 +714,7 @@ class ApiServer:
         return self._dialer.connect("127.0.0.1", APISERVER_PORT)
 
     def _readyz(self) -> bool:
-        if self._apiserver is None or self._apiserver.poll() is not None:
+        if self._apiserver is None or not self._apiserver.running():
             code = self._apiserver.returncode if self._apiserver else None
             tail = self.log_tail("kube-apiserver.log")
             raise ApiServerError(f"kube-apiserver exited ({code}) before /readyz\n{tail}")
@@ -718,7 +722,7 @@ class ApiServer:
         return status == 200
 
     def _etcd_health(self) -> bool:
-        if self._etcd is None or self._etcd.poll() is not None:
+        if self._etcd is None or not self._etcd.running():
             code = self._etcd.returncode if self._etcd else None
             raise ApiServerError(f"etcd exited ({code})\n{self.log_tail('etcd.log')}")
         return bool(self._etcd_request("GET", "/health", None).get("health") == "true")
@@ -744,14 +748,46 @@ class ApiServer:
             conn.close()
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
-    """SIGTERM the process we started (by PID), SIGKILL after `grace` seconds."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+class Daemon:
+    """A process the harness started, stopped by its PID and nothing else.
+
+    In the process that started it, the Popen is kept (exit codes, reaping). After
+    `ApiServer.load()` in another process (the lab's `down`), only the PID and the
+    executable are known: the PID counts as ours only while /proc/PID/exe is still
+    that executable, so a PID reused by an unrelated process is never signalled.
+    """
+
+    def __init__(self, pid: int, exe: str, popen: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self.exe = exe
+        self.popen = popen
+
+    @property
+    def returncode(self) -> int | None:
+        return self.popen.returncode if self.popen is not None else None
+
+    def running(self) -> bool:
+        if self.popen is not None:
+            return self.popen.poll() is None
         try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
+            exe = os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            return False  # gone (or a zombie: no exe link)
+        return exe.removesuffix(" (deleted)") == self.exe
+
+    def terminate(self, grace: float = 10) -> None:
+        """SIGTERM, SIGKILL after `grace` seconds; returns once it is gone."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+            if not self.running():
+                return
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=10)
+                os.kill(self.pid, sig)
+            deadline = time.monotonic() + wait
+            while self.running() and time.monotonic() < deadline:
+                if self.popen is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.popen.wait(timeout=0.1)
+                else:
+                    time.sleep(0.05)
+        if self.running():
+            raise ApiServerError(f"{self.exe} (pid {self.pid}) survived SIGKILL")
