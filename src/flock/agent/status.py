@@ -5,7 +5,8 @@ The agent serves its state on a second unix socket, `RUN_DIR/status.sock`
 kept apart from the plugin's socket so that an operator's query can never be
 mistaken for, or delay, a CNI verb. The reply is the agent's `inspect()`:
 allocations, the anycast set (with next hops), the BGP export set, BGP
-sessions and the policy engine's state.
+sessions, the policy engine's state, attachments by state, and what the
+start-up re-sync could not repair.
 """
 
 from __future__ import annotations
@@ -131,6 +132,14 @@ def render(st: dict[str, Any]) -> str:
         out.append(f"RECENT POD EVENTS ({len(events)})")
         for e in events:
             out.append(f"  {e['pod']}: {e['reason']}: {e['message']}")
+    resync = st.get("resync") or {}
+    for f in resync.get("failures") or []:
+        who = f.get("pod") or f.get("ifname") or f.get("dst") or ""
+        out.append(f"START-UP RE-SYNC FAILED {f.get('step')} {who}: {f.get('error')}")
+    states = st.get("attachments") or {}
+    busy = {k: v for k, v in states.items() if k != "wired" and v}
+    if busy:
+        out.append("ATTACHMENTS in progress: " + ", ".join(f"{v} {k}" for k, v in busy.items()))
     rec = st.get("reconcile") or {}
     if rec.get("last_error"):
         out.append(f"RECONCILE last error: {rec['last_error']}")
