@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from flock.testbed.kubenode import TEST_IMAGE, KubeNode
+import pytest
+
+from flock.testbed.kubenode import TEST_IMAGE, KubeNode, built_images
+from flock.testbed.tools import missing
 from flock.testbed.wait import wait_until
 
 HTTP_PORT = 8080
@@ -223,3 +227,20 @@ def events_for(
     )  # fmt: skip
     items: list[dict[str, Any]] = data["items"]
     return items
+
+
+def progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def prerequisites(*images: str) -> None:
+    lacking = missing(
+        "etcd", "kube-apiserver", "kubectl", "kubelet", "kube-controller-manager",
+        "kube-scheduler", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr",
+    )  # fmt: skip
+    if lacking:
+        pytest.fail("; ".join(lacking))
+    built = built_images()
+    absent = [i for i in images if i not in built]
+    if absent:
+        pytest.fail(f"images {absent} not built: run ./scripts/build-images")

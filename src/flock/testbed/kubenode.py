@@ -54,10 +54,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -89,6 +91,13 @@ TEST_IMAGE = "ghcr.io/fritzlab/flock-test:1"
 
 # Reference plugins' pod ranges (ptp + host-local), both families.
 REFERENCE_RANGES = ("10.244.0.0/24", "fd00:244::/64")
+
+# flock on the node: deploy/install.yaml and the node's NodeConfig.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+INSTALL_YAML = REPO_ROOT / "deploy" / "install.yaml"
+AGENT_LABEL = "flock.fritzlab.net/agent"
+FLOCK_POD_CIDR6, FLOCK_POD_CIDR4 = "fd00:e2e:1::/64", "10.245.0.0/24"
+ANYCAST_CIDR6, ANYCAST_CIDR4 = "fd00:e2e:a::/64", "10.246.0.0/24"
 
 # The three kernel sysctls the kubelet checks (protectKernelDefaults) or else
 # writes; bind-mounted files with these values stand in for them.
@@ -134,6 +143,51 @@ def built_images(cache: Path = IMAGES_CACHE) -> dict[str, Image]:
     }
 
 
+def flock_nodeconfig(node_name: str) -> dict[str, Any]:
+    """The e2e node's NodeConfig: pod prefixes of both families, a BGP peering with the
+    router per family, an anycast allow-list."""
+    return {
+        "apiVersion": "flock.fritzlab.net/v1alpha1",
+        "kind": "NodeConfig",
+        "metadata": {"name": node_name},
+        "spec": {
+            "cidr6": [FLOCK_POD_CIDR6],
+            "cidr4": [FLOCK_POD_CIDR4],
+            "bgp": {
+                "asn": NODE_ASN,
+                "peers": [
+                    {"address": ROUTER_IP6, "asn": ROUTER_ASN},
+                    {"address": ROUTER_IP4, "asn": ROUTER_ASN},
+                ],
+            },
+            "allowedAddresses": [
+                {"cidr": ANYCAST_CIDR6, "use": ["anycast"]},
+                {"cidr": ANYCAST_CIDR4, "use": ["anycast"]},
+            ],
+        },
+    }
+
+
+def flock_on_kubernetes_missing(install_yaml: Path = INSTALL_YAML) -> str | None:
+    """What is still missing for flock to run as a DaemonSet on the API (None: nothing)."""
+    if not install_yaml.exists():
+        return f"{install_yaml} is not rendered yet (scripts/render-install)"
+    if not re.search(r"^kind: DaemonSet", install_yaml.read_text(), re.M):
+        return f"{install_yaml} has no DaemonSet"
+    flock = Path(sys.executable).parent / "flock"
+    helptext = subprocess.run(
+        [str(flock), "agent", "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
+    if "--kubernetes" not in helptext:
+        return (
+            "flock's agent has no Kubernetes datastore yet (`flock agent --kubernetes`, "
+            "issue 10 item 1): the DaemonSet's agent cannot start"
+        )
+    if "flock" not in built_images():
+        return "the flock image is not built: run ./scripts/build-images"
+    return None
+
+
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
@@ -157,6 +211,7 @@ class KubeNode:
         router: bool = False,
         kube_proxy: bool = True,
         images: Sequence[str] = ("pause", "test"),
+        containerd_log_level: str = "info",
         ready_timeout: float = 120,
         progress: Callable[[str], None] = lambda _msg: None,
     ) -> None:
@@ -164,6 +219,7 @@ class KubeNode:
         self.with_router = router
         self.with_kube_proxy = kube_proxy
         self.image_names = tuple(images)
+        self.containerd_log_level = containerd_log_level
         self.ready_timeout = ready_timeout
         self.progress = progress
         self.users = {
@@ -256,6 +312,7 @@ class KubeNode:
             self._phase("apiserver", self.api.start)
             # Short: the shim socket dir must fit a unix socket path (38 characters).
             self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir="/tmp"))
+            self.dir.chmod(0o755)  # FRR's daemons run as user frr and need to traverse it
             self._phase("network", self._make_network)
             self._phase("mounts", self._make_mount_ns)
             self._phase("cgroups", self._make_cgroups)
@@ -380,6 +437,12 @@ class KubeNode:
         d = self.dir
         lines = [
             "set -e",
+            # The copied mounts under /run go first: the machine's /run/netns/* (other
+            # namespaces: a copy would keep them alive after their owners delete them),
+            # and /run/netns itself, which containerd would take for the mount of
+            # /var/run/netns (it reads mountinfo, shadowed or not) and refuse as private.
+            "awk '$5 ~ \"^/run/\" {print $5}' /proc/self/mountinfo | sort -r |"
+            ' while read -r m; do umount -l "$m" || true; done',
             # Volatile like a real /run: pod netns files, /run/flock, anything that
             # defaults to /run/containerd. Shared, so that HostToContainer volumes
             # of /var/run/netns (flock's agent) see the netns mounts made later.
@@ -618,7 +681,7 @@ disabled_plugins = [
                 f"PATH={shim_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 str(tool_path("containerd")),
                 f"--config={c / 'config.toml'}",
-                "--log-level=info",
+                f"--log-level={self.containerd_log_level}",
             ],
         )
 
@@ -824,6 +887,65 @@ disabled_plugins = [
         )
         return time.monotonic() - t0
 
+    # ---- flock, installed as users install it ----------------------------------------------
+
+    def flock_agent_pods(self) -> list[dict[str, Any]]:
+        """The pods of flock's DaemonSet (found by the DaemonSet's own selector)."""
+        sets = self.get_json("daemonsets", "-n", "kube-system")["items"]
+        flock = [d for d in sets if "flock" in d["metadata"]["name"]]
+        if not flock:
+            return []
+        labels = flock[0]["spec"]["selector"]["matchLabels"]
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        items: list[dict[str, Any]] = self.get_json("pods", "-n", "kube-system", "-l", selector)[
+            "items"
+        ]
+        return items
+
+    def flock_daemonset(self) -> str:
+        sets = self.get_json("daemonsets", "-n", "kube-system")["items"]
+        return str(next(d["metadata"]["name"] for d in sets if "flock" in d["metadata"]["name"]))
+
+    def install_flock(
+        self, *, install_yaml: Path = INSTALL_YAML, nodeconfig: dict[str, Any] | None = None
+    ) -> None:
+        """FRR up; deploy/install.yaml applied (the CRD waited for); the node labelled
+        and its NodeConfig applied; then wait for the DaemonSet's pod Ready, the node
+        Ready and both BGP sessions Established. Timings go to `timings`."""
+        t0 = time.monotonic()
+        frr = self.frr or self.start_router()
+        self.kubectl("apply", "--server-side", "-f", str(install_yaml))
+        self.kubectl(
+            "wait", "--for=condition=established", "--timeout=60s",
+            "crd/nodeconfigs.flock.fritzlab.net",
+        )  # fmt: skip
+        self.kubectl("label", "node", self.name, f"{AGENT_LABEL}=", "--overwrite")
+        self.apply([nodeconfig or flock_nodeconfig(self.name)])
+
+        def agents() -> list[tuple[str, str, bool]]:
+            return [
+                (p["metadata"]["name"], p["status"].get("phase", ""), _pod_ready(p))
+                for p in self.flock_agent_pods()
+            ]
+
+        wait_until(
+            agents,
+            until=lambda s: len(s) == 1 and s[0][2],
+            timeout=240,
+            what="flock's DaemonSet pod Ready",
+            interval=0.5,
+        )
+        self.timings["flock_agent_ready"] = time.monotonic() - t0
+        self.wait_node_ready()
+        self.timings["flock_node_ready"] = time.monotonic() - t0
+        wait_until(
+            frr.neighbor_states,
+            until=lambda s: len(s) == 2 and all(v == "Established" for v in s.values()),
+            timeout=120,
+            what="both BGP sessions Established at the router",
+        )
+        self.timings["flock_bgp_up"] = time.monotonic() - t0
+
     # ---- CNI -----------------------------------------------------------------------------
 
     def write_cni_conf(self, name: str, conf: dict[str, Any]) -> Path:
@@ -888,16 +1010,35 @@ disabled_plugins = [
             self.start_kube_proxy()
         self._start_kubelet()
 
-    def containerd_cni_timings(self) -> list[float]:
-        """Seconds of each CNI setup containerd logged (its own timer, "cni ... took")."""
-        out = []
-        text = self.containerd_log.read_text(errors="replace") if self.dir != Path() else ""
-        for line in text.splitlines():
-            if "cni" in line.lower() and "took" in line:
-                dur = _parse_logfmt(line).get("duration") or ""
-                if dur:
-                    out.append(_go_duration(dur))
+    def containerd_cni_timings(self) -> dict[str, float]:
+        """Seconds containerd spent in CNI setup per sandbox id, from its own log.
+
+        containerd times the setup ("begin cni setup" ... "cni result", the span its
+        network_plugin_operations_duration_seconds metric covers); the lines are
+        logged at debug level only (`containerd_log_level="debug"`).
+        """
+        begins: dict[str, float] = {}
+        out: dict[str, float] = {}
+        if self.dir == Path() or not self.containerd_log.exists():
+            return out
+        for line in self.containerd_log.read_text(errors="replace").splitlines():
+            if "begin cni setup" not in line and "cni result" not in line:
+                continue
+            fields = _parse_logfmt(line)
+            sid, stamp = fields.get("podsandboxid", ""), fields.get("time", "")
+            if not sid or not stamp:
+                continue
+            t = _timestamp(stamp)
+            if fields.get("msg") == "begin cni setup":
+                begins[sid] = t
+            elif sid in begins:
+                out[sid] = t - begins.pop(sid)
         return out
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    conds = pod.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
 def _rmtree_unmounted(path: Path) -> None:
@@ -915,24 +1056,13 @@ def _parse_logfmt(line: str) -> dict[str, str]:
     return out
 
 
-def _go_duration(text: str) -> float:
-    """Seconds of a Go duration string ("1.5s", "230.1ms", "1m2.5s", "850µs")."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
-    total, num = 0.0, ""
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            num += ch
-            i += 1
-            continue
-        unit = ch
-        if text[i : i + 2] in ("ms", "us", "µs", "ns"):
-            unit = text[i : i + 2]
-        total += float(num) * units[unit]
-        num = ""
-        i += len(unit)
-    return total
+def _timestamp(text: str) -> float:
+    """Epoch seconds of containerd's RFC 3339 nanosecond timestamps."""
+    import datetime
+
+    head, _, frac = text.rstrip("Z").partition(".")
+    dt = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC)
+    return dt.timestamp() + (float(f"0.{frac}") if frac else 0.0)
 
 
 def _ip(text: str) -> Any:
