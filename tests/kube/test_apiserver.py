@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +29,7 @@ import pytest
 import yaml
 
 from flock.testbed import netns, tools
-from flock.testbed.kube import ApiServer, ApiServerError, node_user
+from flock.testbed.kube import ApiServer, ApiServerError, Daemon, node_user
 from flock.testbed.tools import tool_path
 from flock.testbed.wait import wait_until
 
@@ -135,6 +140,57 @@ def test_a_failed_start_shows_the_log_and_leaves_nothing(need_tools: Callable[..
     assert not netns.exists(api.netns)
     assert not api.dir.exists()
     assert api.pids() == {}
+
+
+def test_another_process_loads_and_stops_a_running_server(
+    tmp_path: Path, need_tools: Callable[..., None]
+) -> None:
+    """The lab's flow: `up` starts the server and exits, a later command loads and stops it."""
+    need_tools("etcd", "kube-apiserver", "kubectl")
+    workdir = tmp_path / "api"
+    starter = (
+        "import sys; from pathlib import Path; from flock.testbed.kube import ApiServer; "
+        "api = ApiServer(prefix='fktl', workdir=Path(sys.argv[1])); api.start(); print(api.netns)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", starter, str(workdir)], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr
+    name = proc.stdout.strip()
+    try:
+        api = ApiServer.load(workdir, forward=True)
+        assert api.netns == name and netns.exists(name)
+        daemons = json.loads(api.state_path.read_text())["daemons"]
+        assert set(api.pids()) == set(daemons) == {"etcd", "kube-apiserver"}
+        assert api.request("GET", "/readyz") == (200, "ok")
+        assert "ok" in api.kubectl("get", "--raw", "/readyz").stdout
+        api.stop()
+        assert not netns.exists(name)
+        assert not workdir.exists()
+        for d in daemons.values():
+            assert not Daemon(d["pid"], d["exe"]).running()
+    finally:
+        if (workdir / "state.json").exists():
+            ApiServer.load(workdir).stop()
+        if name:
+            netns.delete(name)
+
+
+def test_a_reused_pid_is_never_signalled() -> None:
+    """A loaded Daemon whose PID now runs another program is not ours: left alone."""
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        stranger = Daemon(sleeper.pid, "/var/cache/flock/tools/etcd-v3.6.4/bin/etcd")
+        assert not stranger.running()
+        stranger.terminate(grace=1)
+        assert sleeper.poll() is None
+        ours = Daemon(sleeper.pid, os.path.realpath(shutil.which("sleep") or "sleep"))
+        assert ours.running()
+        ours.terminate(grace=5)
+        assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_data_survives_an_apiserver_restart(apiserver: ApiServer) -> None:

@@ -268,6 +268,7 @@ class ApiServer:
         *,
         prefix: str = "fkapi",
         netns_name: str | None = None,
+        workdir: Path | None = None,
         users: Iterable[User] = (),
         extra_sans: Sequence[str] = (),
         bind_address: str = "::",
@@ -281,6 +282,8 @@ class ApiServer:
     ) -> None:
         # `netns_name` fixes the name (the lab's `fl-<lab>-api`, found by `down` by prefix).
         self.netns = netns_name or netns.unique_name(prefix, 8)
+        # `workdir` (must not exist; created, and removed by stop()) instead of a temp dir.
+        self.workdir = workdir
         self.netns_path = netns.path(self.netns)
         self.users: dict[str, User] = {ADMIN: User(ADMIN, groups=("system:masters",))}
         for u in users:
@@ -352,7 +355,11 @@ class ApiServer:
             etcd = tool_path("etcd")
             tool_path("kube-apiserver")
             tool_path("kubectl")
-            self.dir = Path(tempfile.mkdtemp(prefix=f"flock-{self.netns}-"))
+            if self.workdir is not None:
+                self.workdir.mkdir(mode=0o700, parents=True)
+                self.dir = self.workdir
+            else:
+                self.dir = Path(tempfile.mkdtemp(prefix=f"flock-{self.netns}-"))
             netns.create(self.netns)
             self._netns_made = True
             self._dialer = NetnsDialer(self.netns_path)
@@ -414,6 +421,7 @@ class ApiServer:
         except WaitTimeout as e:
             raise ApiServerError(f"{e}\n{self.log_tail('kube-apiserver.log')}") from e
         self.readyz_seconds = time.monotonic() - t0
+        self.save()
         return self.readyz_seconds
 
     def stop_apiserver(self) -> None:
@@ -437,6 +445,85 @@ class ApiServer:
             self._write_tokens()
         if self._apiserver is not None:
             self.restart_apiserver()
+
+    # ---- another process: the lab's `up` starts, its `down` stops -----------------------
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    def save(self) -> Path:
+        """Write what `load()` needs to `state_path` (done after every kube-apiserver start)."""
+        daemons = {
+            name: {"pid": d.pid, "exe": d.exe}
+            for name, d in (("etcd", self._etcd), ("kube-apiserver", self._apiserver))
+            if d is not None
+        }
+        state = {
+            "netns": self.netns,
+            "dir": str(self.dir),
+            "daemons": daemons,
+            "users": [
+                {"name": u.name, "groups": list(u.groups), "token": u.token, "uid": u.uid}
+                for u in self.users.values()
+            ],
+            "extra_sans": list(self.extra_sans),
+            "bind_address": self.bind_address,
+            "advertise_address": self.advertise_address,
+            "service_cidrs": list(self.service_cidrs),
+            "service_account_admission": self.service_account_admission,
+            "watch_cache": self.watch_cache,
+            "etcd_fsync": self.etcd_fsync,
+            "extra_args": list(self.extra_args),
+            "ready_timeout": self.ready_timeout,
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.chmod(0o600)
+        os.replace(tmp, self.state_path)
+        return self.state_path
+
+    @classmethod
+    def load(cls, workdir: Path, *, forward: bool = False) -> ApiServer:
+        """The ApiServer a previous process started in `workdir` and left running.
+
+        `stop()`, `kubectl()`, `restart_apiserver()`, `add_users()`, `compact_etcd()`
+        work on it; its daemons are signalled only while their PID still runs the
+        same executable. `forward=True` also starts a root-namespace forwarder
+        (a new port; `host_kubeconfig_path` is rewritten for it).
+        """
+        state = json.loads((Path(workdir) / "state.json").read_text())
+        api = cls(
+            netns_name=state["netns"],
+            users=[
+                User(u["name"], groups=tuple(u["groups"]), token=u["token"], uid=u["uid"])
+                for u in state["users"]
+            ],
+            extra_sans=state["extra_sans"],
+            bind_address=state["bind_address"],
+            advertise_address=state["advertise_address"],
+            service_cidrs=state["service_cidrs"],
+            service_account_admission=state["service_account_admission"],
+            watch_cache=state["watch_cache"],
+            etcd_fsync=state["etcd_fsync"],
+            extra_args=state["extra_args"],
+            ready_timeout=state["ready_timeout"],
+        )
+        api.dir = Path(state["dir"])
+        api.workdir = api.dir
+        api._netns_made = netns.exists(api.netns)
+        daemons = state["daemons"]
+        if "etcd" in daemons:
+            api._etcd = Daemon(daemons["etcd"]["pid"], daemons["etcd"]["exe"])
+        if "kube-apiserver" in daemons:
+            d = daemons["kube-apiserver"]
+            api._apiserver = Daemon(d["pid"], d["exe"])
+        if api._netns_made:
+            api._dialer = NetnsDialer(api.netns_path)
+            if forward:
+                api._forwarder = LoopbackForwarder(api._dial_apiserver)
+                api.kubeconfig_for(ADMIN, path=api.host_kubeconfig_path, host=True)
+        return api
 
     # ---- etcd --------------------------------------------------------------------------
 
