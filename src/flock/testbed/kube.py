@@ -14,15 +14,20 @@ runs the binaries built by `scripts/build-tools` (see `flock.testbed.tools`).
         api.compact_etcd()           # etcd forgets history (410 Gone: see "Watch cache")
         url = api.attach("node1-ns", api_cidr="192.0.2.1/30", peer_cidr="192.0.2.2/30")
         api.kubeconfig_for("system:node:n1", server=url)   # needs extra_sans=["192.0.2.1"]
+        api.stop_apiserver(); api.start_apiserver()         # an API outage, etcd kept
+        api.request("GET", "/readyz")                       # (status, JSON or text) from here
+
+    api = ApiServer(workdir=lab_dir / "api"); api.start()   # `flock lab up`, then exit
+    ApiServer.load(lab_dir / "api").stop()                  # `flock lab down`, later
 
 What it sets up (all removed by `stop()`/`__exit__`, also after a failed start):
 
-- a network namespace with a random name (`api.netns`, path `api.netns_path`), `lo`
-  up; etcd listens on 127.0.0.1:2379 and kube-apiserver on `bind_address` (all
-  addresses by default, so agents in other namespaces can reach it once a veth with
-  one of `extra_sans` is added) port 6443, both inside it; their processes are
-  entered with `nsenter --net` and killed by PID;
-- a temp dir (`api.dir`) holding a CA, the serving certificate (SANs 127.0.0.1, ::1,
+- a network namespace with a random name (`api.netns`, path `api.netns_path`; or
+  `netns_name`), `lo` up; etcd listens on 127.0.0.1:2379 and kube-apiserver on
+  `bind_address` (all addresses by default, so agents in other namespaces can reach
+  it once `attach()` adds a veth with one of `extra_sans`) port 6443, both inside it;
+  their processes are entered with `nsenter --net` and stopped by PID (`Daemon`);
+- a temp dir (`api.dir`, or `workdir`) holding a CA, the serving certificate (SANs 127.0.0.1, ::1,
   localhost, kubernetes.default.svc..., the first Service IPs and `extra_sans`), a
   kubelet-client certificate, the service-account signing key, the static token
   file, kubeconfigs, etcd's data and both logs (`etcd.log`, `kube-apiserver.log`);
@@ -42,6 +47,11 @@ What it sets up (all removed by `stop()`/`__exit__`, also after a failed start):
   in the root namespace (`api.host_url`) and splices each connection to a socket
   created inside the API namespace (by a thread that `setns`'d there). Nothing is
   listening on any other root-namespace address.
+
+The daemons outlive the Python process that started them only if it exits without
+`stop()`: `state.json` in the dir (rewritten at every kube-apiserver start) lets
+`ApiServer.load()` in another process adopt and stop them, signalling a PID only
+while /proc/PID/exe is still the binary it started.
 
 `readyz_seconds` holds how long the last start took to /readyz; `rss()` the RSS of
 etcd and kube-apiserver. Timeouts are deadlines (the machine is slow under load).
