@@ -354,6 +354,8 @@ def test_malformed_policy_is_reported_and_fails_closed(cluster: Cluster) -> None
     assert "Maybe" in rejected(cluster.node)["default/bad"]
     wait_reach(x1, cli, 8080, all_blocked, "x1 -> cli:8080 blocked (fail closed)")
     assert all_blocked(reach(x1, y, 8080))
+    z = cluster.pod("z", labels={"app": "z"})  # a pod started meanwhile: closed at once
+    assert all_blocked(reach(x1, z, 8080))
     # Next to a good one.
     cluster.policy("deny-x", DENY_INGRESS_X)
     x2 = cluster.pod("x2", labels={"app": "x"})

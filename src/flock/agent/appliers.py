@@ -66,25 +66,21 @@ class NftPolicy:
         self._parsed: dict[tuple[str, str], tuple[Mapping[str, Any], Any]] = {}
         self._local: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self._empty_applied = False
-        self._rejected_applied: dict[tuple[str, str], str] = {}
 
-    def _policies(self, snap: Snapshot) -> tuple[list[Any], dict[tuple[str, str], str]]:
-        from flock.model.policy import NetworkPolicy, PolicyError
+    def _policies(self, snap: Snapshot) -> tuple[list[Any], dict[tuple[str, str], Any]]:
+        from flock.model.policy import RejectedPolicy, parse_policy
 
         good: list[Any] = []
-        bad: dict[tuple[str, str], str] = {}
+        bad: dict[tuple[str, str], Any] = {}  # -> RejectedPolicy: enforced fail-closed
         cache: dict[tuple[str, str], tuple[Mapping[str, Any], Any]] = {}
         for key, obj in snap.network_policies.items():
             hit = self._parsed.get(key)
             if hit is not None and hit[0] is obj:
                 cache[key] = hit
             else:
-                try:
-                    cache[key] = (obj, NetworkPolicy.from_object(obj))
-                except PolicyError as e:
-                    cache[key] = (obj, str(e))
+                cache[key] = (obj, parse_policy(obj, key))
             parsed = cache[key][1]
-            if isinstance(parsed, str):
+            if isinstance(parsed, RejectedPolicy):
                 bad[key] = parsed
             else:
                 good.append(parsed)
@@ -100,10 +96,10 @@ class NftPolicy:
         from flock.model.pod import Pod
 
         good, bad = self._policies(snapshot)
-        if not good and self._empty_applied and bad == self._rejected_applied:
+        if not good and not bad and self._empty_applied:
             # No NetworkPolicy selects anyone, so no pod is isolated: the ruleset is
-            # empty whatever the pods are, and it is already applied (and the engine
-            # already reports these rejected policies).
+            # empty whatever the pods are, and it is already applied. (A policy that
+            # does not parse isolates what it may select: never empty.)
             return
         pods = dict(snapshot.pods)
         local = []
@@ -132,5 +128,4 @@ class NftPolicy:
             rejected=bad,
         )
         await self.run_kernel(self.engine.sync, inputs)
-        self._empty_applied = not good
-        self._rejected_applied = bad
+        self._empty_applied = not good and not bad
