@@ -181,9 +181,8 @@ def _diff(old: Ruleset, new: Ruleset) -> tuple[Delta, list[str]]:
         if n.elements - o.elements:
             added.append((name, tuple(sorted(n.elements - o.elements))))
     chains_changed = sorted(
-        n for n in new.chains.keys() & old.chains.keys()
-        if new.chains[n] != old.chains[n] or new.comments.get(n) != old.comments.get(n)
-    )  # fmt: skip
+        n for n in new.chains.keys() & old.chains.keys() if new.chains[n] != old.chains[n]
+    )
     map_del: list[tuple[str, str]] = []
     map_add: list[tuple[str, str, str]] = []
     for m, o_map, n_map in (
