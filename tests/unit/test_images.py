@@ -11,7 +11,6 @@ and different mtimes. The pause and echo binaries are built and run for real.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -226,7 +225,7 @@ def _extract(archive: Path, dest: Path) -> dict[str, object]:
         for name in got["manifest"][0]["Layers"]:
             blob = outer.extractfile(name)
             assert blob is not None
-            with tarfile.open(fileobj=io.BytesIO(blob.read())) as tf:
+            with tarfile.open(fileobj=blob, mode="r|") as tf:  # streamed, not in memory
                 tf.extractall(dest)  # our own archive (3.11.2 has no filter=)
     return got
 

@@ -1,0 +1,133 @@
+"""flock's image does what the DaemonSet asks of it: installer, agent, BIRD and its probe.
+
+The image is built by scripts/build-images' code (cached by content: a minute or
+two the first time, seconds after a source change, nothing when unchanged), its
+layers unpacked in order into a temp root as a snapshotter would, and its
+programs run there by chroot with the image's PATH:
+
+- `flock install-cni` (the init container's command) installs the plugin bundle;
+  the installed plugin then runs on this host, outside the image, and answers
+  CNI VERSION: the bundle carries its own interpreter and libraries;
+- the agent's Python environment imports flock and its dependencies;
+- BIRD starts from a config file in a network namespace of its own, and the
+  liveness probe's command (`birdc -s SOCK show status`) exits 0 while it answers
+  and non-zero once it is gone: the probe notices a dead BIRD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "packaging"))
+
+import build_images  # noqa: E402
+import image_archive as ia  # noqa: E402
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="chroot, mknod and mmdebstrap need root"),
+]
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    built = build_images.build_all(["flock"])["flock"]
+    root = tmp_path_factory.mktemp("flock-image") / "root"
+    got = ia.read_archive(built.path)
+    with tarfile.open(built.path) as outer:
+        for name in got["manifest"][0]["Layers"]:
+            blob = outer.extractfile(name)
+            assert blob is not None
+            with tarfile.open(fileobj=blob, mode="r|") as tf:  # streamed, not in memory
+                tf.extractall(root)  # our own archive (3.11.2 has no filter=)
+    os.mknod(root / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    return root, got
+
+
+def in_image(root: Path, script: str, *, net: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run `script` with /bin/sh inside the image root, with the image's environment."""
+    env = {"PATH": "/opt/flock/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    argv = ["chroot", str(root), "/bin/sh", "-euc", script]
+    if net:
+        argv = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "-", *argv]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_image_config_and_agent_environment(image_root: tuple[Path, dict[str, object]]) -> None:
+    root, got = image_root
+    cfg = got["config"]["config"]  # type: ignore[index]
+    assert cfg["Env"][0].startswith("PATH=/opt/flock/venv/bin:")
+    res = in_image(
+        root,
+        "flock --help >/dev/null; python -c 'import flock, pydantic, pyroute2, yaml, "
+        "prometheus_client; print(flock.__file__)'; nft --version; ip -V; bird --version 2>&1",
+    )
+    assert res.returncode == 0, res.stderr
+    assert "/opt/flock/venv/lib/python3.11/site-packages/flock/__init__.py" in res.stdout
+    assert "nftables" in res.stdout and "iproute2" in res.stdout and "BIRD version 2" in res.stdout
+
+
+def test_installer_puts_a_plugin_that_runs_on_the_host(
+    image_root: tuple[Path, dict[str, object]],
+) -> None:
+    root, _ = image_root
+    res = in_image(
+        root,
+        "mkdir -p /host/bin /host/conf; flock install-cni --bin-dir /host/bin "
+        "--conf-dir /host/conf --socket /run/flock/agent.sock --state-dir /var/lib/flock",
+    )
+    assert res.returncode == 0, res.stderr
+    conf = json.loads((root / "host" / "conf" / "01-flock.conflist").read_text())
+    assert conf["plugins"][0] == {
+        "type": "flock",
+        "agentSocket": "/run/flock/agent.sock",
+        "stateDir": "/var/lib/flock",
+    }
+    # The installed plugin, exec'd from this host as a runtime does (outside the image).
+    plugin = root / "host" / "bin" / "flock"
+    out = subprocess.run(
+        [str(plugin)],
+        input=b'{"cniVersion": "1.0.0"}',
+        env={"CNI_COMMAND": "VERSION", "PATH": "/nonexistent"},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "1.1.0" in json.loads(out.stdout)["supportedVersions"]
+
+
+def test_bird_probe_notices_a_dead_bird(image_root: tuple[Path, dict[str, object]]) -> None:
+    root, _ = image_root
+    res = in_image(
+        root,
+        """
+        mkdir -p /run/flock
+        printf 'router id 192.0.2.1;\\nprotocol device {}\\n' > /run/flock/bird.conf
+        bird -c /run/flock/bird.conf -s /run/flock/bird.ctl -P /run/flock/bird.pid
+        i=0; until birdc -s /run/flock/bird.ctl show status >/dev/null 2>&1; do
+          i=$((i+1)); [ $i -lt 100 ] || { echo "bird never answered"; exit 1; }; sleep 0.05
+        done
+        probe() { birdc -s /run/flock/bird.ctl show status >/dev/null 2>&1 && echo 0 || echo $?; }
+        echo "alive: $(probe)"
+        pid=$(cat /run/flock/bird.pid)
+        kill "$pid"
+        i=0; while kill -0 "$pid" 2>/dev/null; do
+          i=$((i+1)); [ $i -lt 100 ] || { echo "bird did not stop"; exit 1; }; sleep 0.05
+        done
+        echo "dead: $(probe)"
+        """,
+        net=True,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.split("\n")[:2] == ["alive: 0", "dead: 1"], res.stdout + res.stderr
