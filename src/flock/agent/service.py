@@ -4,29 +4,38 @@ The plugin forwards each runtime call over the unix socket (see
 docs/architecture.md); this module turns it into allocations, kernel state,
 BGP exports and policy, and back into a CNI 1.1.0 result or error.
 
-ADD, in order, each step undone if a later one fails (so a failed ADD leaves no
-address held and no half-made veth; undo is `try/except: undo; raise`, never a
-captured error variable):
+ADD is a short dispatch: a repeated ADD (the attachment exists) puts back what
+is missing and answers the same result; a fresh ADD is one straight sequence,
+each step that changes the world pushing its undo on one `AsyncExitStack`
+(one rollback path, so a failed ADD leaves no address held, no policy entry
+and no half-made veth):
 
   resolve the pod (read through the datastore: no stale annotations) and the
-  NodeConfig -> parse annotations -> allocate (or take `addresses`) -> persist
-  (handed to the store thread; awaited before the result) -> when policy is in
-  force, a reconcile pass that puts the pod's policy in place (verdict-map
-  entries under its veth's name, which nftables accepts before the veth exists,
-  and its addresses in peer sets) -> build the veth and host routes ->
+  NodeConfig -> parse annotations -> admit (allocate; the attachment table in
+  `flock.agent.attachments` holds it) -> persist (handed to the store thread;
+  awaited before the result) -> when policy is in force, a reconcile pass that
+  puts the pod's policy in place (verdict-map entries under its veth's name,
+  which nftables accepts before the veth exists, and its addresses in peer
+  sets) -> build the veth and host routes (in the kernel pool) -> wired ->
   reconcile again if the pod has anycast or exported addresses (those routes
   need the veth; anycast only if Ready) -> result. So the pod's address is
   never routed while its policy is not in nftables (SPEC §6).
 
 DEL is idempotent: an unknown container, a missing netns or an already-deleted
 veth is success. It withdraws first (the pod's routes leave BGP before its veth
-goes away), then tears down, then removes the pod's policy, then releases and
-persists. GC releases every attachment the runtime no longer lists, and
-removes veths of ours that no allocation knows.
+goes away), then tears down (both undone if the teardown fails), then removes
+the pod's policy, then releases and persists. GC releases every attachment the
+runtime no longer lists and no verb is working on, and removes veths of ours
+that no attachment knows (listing the kernel first).
 
-Operations on one container are serialised by a per-container lock; different
-containers run concurrently (kernel work runs in a thread pool, so the event
-loop keeps serving).
+All allocation state lives in the attachment table; this module moves
+attachments through its states and never keeps a second copy.
+
+Operations on one container are serialised by a per-container lock (every verb,
+CHECK included, reads the table under it); different containers run
+concurrently. All kernel work runs in a thread pool, never on the event loop
+thread, so the loop keeps serving and no thread of it ever enters a pod's
+namespace.
 """
 
 from __future__ import annotations
