@@ -45,6 +45,20 @@ def link_addresses(index: int) -> tuple[str, str]:
     return f"fd00:f10c:ffff:{index + 1:x}::1/64", f"fd00:f10c:ffff:{index + 1:x}::2/64"
 
 
+def audit_policy(user: str) -> dict[str, Any]:
+    """Log every request the agents make (metadata only), nothing else.
+
+    `<run dir>/api-audit/agents.log` answers "what does an agent ask the API server,
+    and how often?" (bench/bench_kube.py counts it at rest).
+    """
+    return {
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [{"level": "Metadata", "users": [user]}, {"level": "None"}],
+    }
+
+
 def rbac_objects(install: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """The ServiceAccount and RBAC documents of `deploy/install.yaml` (not the DaemonSet)."""
     docs = [install] if install is not None else yaml.safe_load_all(INSTALL.read_text())
@@ -70,7 +84,22 @@ def start(lab: Lab, progress: Progress) -> None:
     nodes = [n.name for n in lab.topo.nodes]
     sa = service_account_user(*AGENT_SA)
     sans = [link_addresses(i)[0].split("/")[0] for i in range(len(nodes))]
-    api = ApiServer(netns_name=api_netns(lab.name), users=[sa], extra_sans=sans)
+    audit_dir = lab.state.dir / "api-audit"
+    audit_dir.mkdir(parents=True, exist_ok=True)
+    policy = audit_dir / "policy.yaml"
+    policy.write_text(yaml.safe_dump(audit_policy(sa.name)))
+    api = ApiServer(
+        netns_name=api_netns(lab.name),
+        users=[sa],
+        extra_sans=sans,
+        extra_args=[
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={audit_dir / 'agents.log'}",
+            "--audit-log-format=json",
+            "--audit-log-mode=batch",
+            "--audit-log-batch-max-wait=1s",
+        ],
+    )
     lab.state.add_netns(api.netns, role="api server")
     try:
         api.start()
