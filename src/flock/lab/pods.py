@@ -23,7 +23,7 @@ from flock.lab.topology import (
 from flock.testbed import netns
 
 
-def _cni(lab: Lab, rec: PodRecord, command: str) -> dict[str, Any]:
+def cni(lab: Lab, rec: PodRecord, command: str) -> dict[str, Any]:
     """Run the real plugin for `rec` exactly as a runtime would; its result object."""
     res = lab.node(rec.node).cni(
         command,
@@ -61,7 +61,7 @@ def attach_pod(lab: Lab, pod: PodSpec) -> PodRecord:
     )
     lab.state.pods[pod.key] = rec
     lab.state.save()
-    result = _cni(lab, rec, "ADD")
+    result = cni(lab, rec, "ADD")
     rec.addresses = [str(ipaddress.ip_interface(ip["address"]).ip) for ip in result.get("ips", [])]
     lab.state.save()
     lab.datastore.set_status(pod, uid=uid, ready=pod.ready, ips=rec.addresses)
@@ -97,7 +97,7 @@ def _detach_pod(lab: Lab, pod: PodSpec) -> None:
     rec = lab.state.pods.get(pod.key)
     if rec is not None:
         with contextlib.suppress(Exception):
-            _cni(lab, rec, "DEL")
+            cni(lab, rec, "DEL")
         netns.delete(rec.netns)
         del lab.state.pods[pod.key]
     lab.datastore.delete_pod(pod.namespace, pod.name)
@@ -110,7 +110,7 @@ def delete_pod(name: str, ref: str) -> None:
     pod = lab.pod(ref)
     rec = lab.state.pods.get(pod.key)
     if rec is not None:
-        _cni(lab, rec, "DEL")
+        cni(lab, rec, "DEL")
     _detach_pod(lab, pod)
 
 
