@@ -27,7 +27,10 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
+from flock.model.nodeconfig import NodeConfig, NodeConfigError
 from flock.testbed import netns, tools
 from flock.testbed.kube import ApiServer, ApiServerError, Daemon, node_user
 from flock.testbed.tools import tool_path
@@ -402,3 +405,63 @@ def test_every_tool_of_the_test_sets_is_built(need_tools: Callable[..., None]) -
     need_tools(*names)
     for name in names:
         assert tools.tool_path(name).parent == tools.set_dir(tools.table()[name].set) / "bin"
+
+
+# ---- the model and the real server agree on the fields the CEL rules check --------------
+
+ASNS = st.one_of(
+    st.integers(min_value=1, max_value=4294967294),
+    st.sampled_from([1, 23455, 23456, 23457, 65534, 65535, 65536, 4294967294]),
+)
+HOLD_TIMES = st.one_of(st.integers(min_value=0, max_value=65535), st.sampled_from([0, 1, 2, 3]))
+ZONES = st.from_regex(r"\A[A-Za-z0-9_.-]{1,15}\Z")
+ADDRESSES = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.ip_addresses(v=6, network="fe80::/10").map(str),
+    st.tuples(st.ip_addresses(v=6, network="fe80::/10"), ZONES).map(lambda t: f"{t[0]}%{t[1]}"),
+    # a zone on what is not IPv6 link-local: both must refuse it
+    st.tuples(st.ip_addresses(v=4), ZONES).map(lambda t: f"{t[0]}%{t[1]}"),
+    st.tuples(st.ip_addresses(v=6, network="2001:db8::/32"), ZONES).map(lambda t: f"{t[0]}%{t[1]}"),
+)
+
+
+def _model_accepts(obj: dict[str, Any]) -> bool:
+    try:
+        NodeConfig.from_object(obj)
+    except NodeConfigError:
+        return False
+    return True
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(asn=1, peer_asn=1, address="::ffff:192.0.2.1", hold=0)
+@example(asn=1, peer_asn=1, address="fe80::1", hold=0)
+@example(asn=1, peer_asn=1, address="ff02::2", hold=0)
+@example(asn=1, peer_asn=1, address="224.0.0.5", hold=0)
+@example(asn=1, peer_asn=1, address="127.0.0.2", hold=0)
+@example(asn=1, peer_asn=1, address="169.254.0.1", hold=0)
+@given(asn=ASNS, peer_asn=ASNS, address=ADDRESSES, hold=HOLD_TIMES)
+def test_server_and_model_agree_on_asn_address_and_hold_time(
+    crd: ApiServer, asn: int, peer_asn: int, address: str, hold: int
+) -> None:
+    """The server refuses nothing the model accepts, and refuses whatever the model
+    refuses for these fields: so `kubectl apply` says at once what the agent would
+    refuse later."""
+    obj = {
+        "apiVersion": "flock.fritzlab.net/v1alpha1",
+        "kind": "NodeConfig",
+        "metadata": {"name": "prop"},
+        "spec": {"bgp": {"asn": asn, "peers": [{"address": address, "asn": peer_asn,
+                                                "holdTime": hold}]}},
+    }  # fmt: skip
+    status, body = crd.request(
+        "POST",
+        "/apis/flock.fritzlab.net/v1alpha1/nodeconfigs?dryRun=All&fieldValidation=Strict",
+        obj,
+    )
+    assert status in (201, 422), body
+    if _model_accepts(obj):
+        assert status == 201, f"the server refuses what the model accepts: {body}"
+    else:
+        assert status == 422, f"the model refuses {obj['spec']}, the server accepts it"
