@@ -203,3 +203,25 @@ def test_daemonset_runs_on_labelled_nodes_with_bird_probes(installed: list[dict[
         assert m["mountPath"] == "/host" + host[m["name"]]
     assert "--socket=/run/flock/agent.sock" in installer["command"]
     assert "--state-dir=/var/lib/flock" in installer["command"]
+
+
+def test_agent_accepts_the_daemonsets_flags(
+    installed: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The chart and `flock agent` cannot drift apart: its parser takes every flag."""
+    from flock.agent.options import parse_args
+
+    (ds,) = by_kind(installed, "DaemonSet")
+    agent = ds["spec"]["template"]["spec"]["containers"][0]
+    assert agent["command"][:2] == ["flock", "agent"]
+    argv = [a.replace("$(NODE_NAME)", "node-1") for a in agent["command"][2:]]
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    if "--kubernetes" not in capsys.readouterr().out:
+        pytest.skip("the agent has no --kubernetes datastore yet (issue 10 item 1)")
+    try:
+        opts, level = parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"flock agent refuses the DaemonSet's flags {argv}: {capsys.readouterr().err}")
+    assert str(opts.socket) == "/run/flock/agent.sock"  # what install-cni's --socket names
+    assert str(opts.bird_socket) == "/run/flock/bird.ctl" and level == "info"

@@ -5,7 +5,7 @@ two the first time, seconds after a source change, nothing when unchanged), its
 layers unpacked in order into a temp root as a snapshotter would, and its
 programs run there by chroot with the image's PATH:
 
-- `flock install-cni` (the init container's command) installs the plugin bundle;
+- the init container's command, as deploy/install.yaml has it, installs the bundle;
   the installed plugin then runs on this host, outside the image, and answers
   CNI VERSION: the bundle carries its own interpreter and libraries;
 - the agent's Python environment imports flock and its dependencies;
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -25,8 +26,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+INSTALL = REPO / "deploy" / "install.yaml"
 sys.path.insert(0, str(REPO / "packaging"))
 
 import build_images  # noqa: E402
@@ -81,20 +84,21 @@ def test_installer_puts_a_plugin_that_runs_on_the_host(
     image_root: tuple[Path, dict[str, object]],
 ) -> None:
     root, _ = image_root
-    res = in_image(
-        root,
-        "mkdir -p /host/bin /host/conf; flock install-cni --bin-dir /host/bin "
-        "--conf-dir /host/conf --socket /run/flock/agent.sock --state-dir /var/lib/flock",
-    )
+    # The init container's command exactly as deploy/install.yaml has it.
+    (ds,) = [d for d in yaml.safe_load_all(INSTALL.read_text()) if d and d["kind"] == "DaemonSet"]
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    mounts = " ".join(m["mountPath"] for m in init["volumeMounts"])
+    res = in_image(root, f"mkdir -p {mounts}; {shlex.join(init['command'])}")
     assert res.returncode == 0, res.stderr
-    conf = json.loads((root / "host" / "conf" / "01-flock.conflist").read_text())
+    assert "installed plugin tree" in res.stdout
+    conf = json.loads((root / "host" / "etc" / "cni" / "net.d" / "01-flock.conflist").read_text())
     assert conf["plugins"][0] == {
         "type": "flock",
         "agentSocket": "/run/flock/agent.sock",
         "stateDir": "/var/lib/flock",
     }
     # The installed plugin, exec'd from this host as a runtime does (outside the image).
-    plugin = root / "host" / "bin" / "flock"
+    plugin = root / "host" / "opt" / "cni" / "bin" / "flock"
     out = subprocess.run(
         [str(plugin)],
         input=b'{"cniVersion": "1.0.0"}',
