@@ -347,6 +347,18 @@ MESSAGES = [
         "IPv6",
     ),
     (
+        "peer-link-local-no-zone",
+        {"bgp": {"asn": 1, "peers": [{**PEER, "address": "fe80::1"}]}},
+        "spec.bgp.peers[0].address",
+        "fe80::1%eth0",
+    ),
+    (
+        "peer-multicast",
+        {"bgp": {"asn": 1, "peers": [{**PEER, "address": "ff02::2"}]}},
+        "spec.bgp.peers[0].address",
+        "multicast",
+    ),
+    (
         "hold-2",
         {"bgp": {"asn": 1, "peers": [{**PEER, "holdTime": 2}]}},
         "spec.bgp.peers[0].holdTime",
