@@ -86,8 +86,6 @@ def test_chart_values_change_every_path_together(tmp_path: Path) -> None:
             "image.tag=dev",
             "--set",
             "installer.portmap=true",
-            "--set",
-            "bgpSecretsNamespace=bgp",
         ],
         capture_output=True,
         text=True,
@@ -109,7 +107,8 @@ def test_chart_values_change_every_path_together(tmp_path: Path) -> None:
     assert "/run/f2/bird.conf" in bird["command"][2]
     (role,) = by_kind(ds, "Role")
     (binding,) = by_kind(ds, "RoleBinding")
-    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "bgp"
+    # Secrets stay kube-system's, wherever the release is: the agent reads no other.
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kube-system"
     sa = {"kind": "ServiceAccount", "name": "f2-agent", "namespace": "net"}
     assert binding["subjects"] == [sa]
     # helm template leaves CRDs out unless asked; `helm install` applies crds/ first.
