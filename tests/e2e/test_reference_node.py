@@ -91,3 +91,37 @@ def test_dual_stack_cluster_ip_service_through_kube_proxy_nftables(ptp_node: Kub
     wait_gone(ptp_node, f"app={name}")
     wait_gone(ptp_node, f"app={client}")
     assert summary(pods(ptp_node, f"app={name}")) == []
+
+
+def test_node_reboot_brings_every_pod_back(ptp_node: KubeNode) -> None:
+    """The harness's reboot: containerd, kubelet, shims and pods killed, pod netns gone.
+
+    Runs last in this file: the node restarts under the other tests' feet.
+    """
+    name = _name("boot")
+    ptp_node.apply([deployment(name, replicas=3)])
+    try:
+        before = {p["metadata"]["uid"]: pod_ips(p) for p in wait_ready(ptp_node, f"app={name}", 3)}
+        ptp_node.reboot()
+        wait_until(ptp_node.node_ready, timeout=180, what="node Ready after the reboot")
+
+        def answers() -> list[tuple[str, list[str]]]:
+            out = []
+            for p in pods(ptp_node, f"app={name}"):
+                if not is_ready(p):
+                    return [(p["metadata"]["name"], ["not Ready"])]
+                out.append((p["metadata"]["name"], [node_http(ptp_node, ip) for ip in pod_ips(p)]))
+            return out
+
+        seen = wait_until(
+            answers,
+            until=lambda a: len(a) == 3 and all(bodies == [n, n] for n, bodies in a),
+            timeout=180,
+            what="every pod Ready and answering on both addresses after the reboot",
+        )
+        # Same pods (the kubelet recreated their sandboxes), new network namespaces.
+        after = {p["metadata"]["uid"] for p in pods(ptp_node, f"app={name}")}
+        assert after == set(before), (before, seen)
+    finally:
+        ptp_node.kubectl("delete", "deployment", name, "--wait=false")
+    wait_gone(ptp_node, f"app={name}")

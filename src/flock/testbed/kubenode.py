@@ -522,10 +522,12 @@ class KubeNode:
                 pids += [int(p) for p in text.split()]
         return pids
 
-    def _kill_cgroup_processes(self) -> None:
-        """SIGKILL every process left in the node's cgroup (shims, pods, plugins), by PID."""
+    def _kill_cgroup_processes(self, *, keep: Iterable[int] = ()) -> None:
+        """SIGKILL every process left in the node's cgroup (shims, pods, plugins), by PID,
+        except the PIDs in `keep`."""
+        spare = set(keep)
         deadline = time.monotonic() + 30
-        while (pids := self._cgroup_pids()) and time.monotonic() < deadline:
+        while (pids := set(self._cgroup_pids()) - spare) and time.monotonic() < deadline:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -998,7 +1000,8 @@ disabled_plugins = [
         if proxy is not None:
             proxy.kill()
             proxy.wait(timeout=10)
-        self._kill_cgroup_processes()
+        # The control plane is not on the "rebooting" machine: it keeps running.
+        self._kill_cgroup_processes(keep=(p.pid for p in self.procs.values()))
         self._drop_mount_ns()
         c = self.dir / "containerd"
         for volatile in (c / "state", c / "runc", self.dir / "s"):
