@@ -138,6 +138,17 @@ def test_helm_install_on_a_fresh_server_and_uninstall(
     assert json.loads(out)["info"]["status"] == "deployed"
     check_agent_permissions(api, as_user=HELM_SA, own_namespace=HELM_NS)
 
+    # An upgrade to a new image tag rolls the DaemonSet's template (all three containers)
+    # and leaves the CRD and its NodeConfigs alone.
+    helm(api, helm_home, "upgrade", HELM_RELEASE, str(CHART), "-n", HELM_NS,
+         "--reuse-values", "--set", "image.tag=0.1.0-rc2")  # fmt: skip
+    ds = json.loads(api.kubectl("-n", HELM_NS, "get", "daemonset", name, "-o", "json").stdout)
+    spec = ds["spec"]["template"]["spec"]
+    images = {c["image"] for c in [*spec["containers"], *spec["initContainers"]]}
+    assert images == {"ghcr.io/fritzlab/flock:0.1.0-rc2"}
+    assert ds["metadata"]["generation"] == 2
+    assert api.kubectl("get", "nodeconfig", "helm-node", check=False).returncode == 0
+
     helm(api, helm_home, "uninstall", HELM_RELEASE, "-n", HELM_NS)
     mine = f"app.kubernetes.io/instance={HELM_RELEASE}"
     for kinds, ns in (("daemonset,serviceaccount", HELM_NS), ("role,rolebinding", "kube-system")):

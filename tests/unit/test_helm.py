@@ -115,6 +115,13 @@ def test_chart_values_change_every_path_together(tmp_path: Path) -> None:
     assert not by_kind(ds, "CustomResourceDefinition")
 
 
+def test_chart_lints_strict() -> None:
+    res = subprocess.run(
+        [str(_helm()), "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_chart_version_follows_the_package() -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["version"] == chart["appVersion"] == _version()
