@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import stat
 import subprocess
 import sys
@@ -80,27 +79,53 @@ def test_image_config_and_agent_environment(image_root: tuple[Path, dict[str, ob
     assert "nftables" in res.stdout and "iproute2" in res.stdout and "BIRD version 2" in res.stdout
 
 
+# The init container as the kubelet runs it with install.yaml's securityContext: root
+# file system read-only, host dirs bind-mounted writable, no new privileges and only
+# the capabilities the chart adds (setpriv --bounding-set: what root keeps).
+AS_INIT_CONTAINER = r"""
+set -eu
+root=$1 bin=$2 conf=$3 caps=$4; shift 4
+mount --bind "$root" "$root"
+mount -o remount,bind,ro "$root"
+mount --bind "$bin" "$root/host/opt/cni/bin"
+mount --bind "$conf" "$root/host/etc/cni/net.d"
+exec chroot "$root" setpriv --no-new-privs --inh-caps=-all --bounding-set="-all$caps" -- "$@"
+"""
+
+
 def test_installer_puts_a_plugin_that_runs_on_the_host(
-    image_root: tuple[Path, dict[str, object]],
+    image_root: tuple[Path, dict[str, object]], tmp_path: Path
 ) -> None:
     root, _ = image_root
-    # The init container's command exactly as deploy/install.yaml has it.
+    # The init container's command and securityContext exactly as deploy/install.yaml has them.
     (ds,) = [d for d in yaml.safe_load_all(INSTALL.read_text()) if d and d["kind"] == "DaemonSet"]
     (init,) = ds["spec"]["template"]["spec"]["initContainers"]
-    mounts = " ".join(m["mountPath"] for m in init["volumeMounts"])
-    res = in_image(root, f"mkdir -p {mounts}; {shlex.join(init['command'])}")
-    assert res.returncode == 0, res.stderr
+    sc = init["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+    caps = "".join(",+" + c.lower() for c in sc["capabilities"].get("add", []))
+    mounts = [m["mountPath"] for m in init["volumeMounts"]]
+    assert mounts == ["/host/opt/cni/bin", "/host/etc/cni/net.d"]
+    for m in mounts:
+        (root / m.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    host_bin, host_conf = tmp_path / "opt-cni-bin", tmp_path / "etc-cni-net.d"
+    host_bin.mkdir()
+    host_conf.mkdir()
+    env = {"PATH": "/opt/flock/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", AS_INIT_CONTAINER,
+            "-", str(root), str(host_bin), str(host_conf), caps, *init["command"]]  # fmt: skip
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
     assert "installed plugin tree" in res.stdout
-    conf = json.loads((root / "host" / "etc" / "cni" / "net.d" / "01-flock.conflist").read_text())
+    assert not (root / "host" / "opt" / "cni" / "bin" / "flock").exists(), "wrote the image"
+    conf = json.loads((host_conf / "01-flock.conflist").read_text())
     assert conf["plugins"][0] == {
         "type": "flock",
         "agentSocket": "/run/flock/agent.sock",
         "stateDir": "/var/lib/flock",
     }
     # The installed plugin, exec'd from this host as a runtime does (outside the image).
-    plugin = root / "host" / "opt" / "cni" / "bin" / "flock"
     out = subprocess.run(
-        [str(plugin)],
+        [str(host_bin / "flock")],
         input=b'{"cniVersion": "1.0.0"}',
         env={"CNI_COMMAND": "VERSION", "PATH": "/nonexistent"},
         capture_output=True,
