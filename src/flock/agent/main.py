@@ -63,6 +63,16 @@ log = logging.getLogger("flock.agent")
 
 def make_datastore(opts: Options) -> Datastore:
     """The source of pods, policies and the NodeConfig, chosen by the flags."""
+    if opts.kubernetes or opts.kubeconfig is not None:
+        from flock.agent.datastore.kube import KubeDatastore
+        from flock.kube.client import KubeClient
+
+        path = None if opts.kubernetes else str(opts.kubeconfig)
+        # Without policy the agent needs only its own node's pods.
+        return KubeDatastore(
+            KubeClient.from_kubeconfig(path), node_name=opts.node_name, cluster_pods=opts.policy
+        )
+    assert opts.manifests is not None
     return FilesDatastore(opts.manifests, node_name=opts.node_name)
 
 
@@ -145,7 +155,22 @@ class Agent:
             spawn(watch, name="bird-health", tasks=self._tasks)
         self.health.started = True
         self.health.reason = "ok"
+        self._start_kube_loops()
         log.info("agent ready", extra={"node": o.node_name, "socket": str(o.socket)})
+
+    def _start_kube_loops(self) -> None:
+        """NodeConfig status and leak reconciliation: only with the Kubernetes datastore."""
+        from flock.agent.datastore.kube import KubeDatastore
+
+        if not isinstance(self.datastore, KubeDatastore):
+            return
+        from flock.agent.kubeloops import LeakReconciler, report_status_forever
+        from flock.kube.status import NodeStatusWriter
+
+        writer = NodeStatusWriter(self.datastore.client, self.opts.node_name)
+        spawn(report_status_forever(self, writer), name="nodeconfig-status", tasks=self._tasks)
+        self.leaks = LeakReconciler(self, self.datastore)
+        spawn(self.leaks.run_forever(), name="leak-reconcile", tasks=self._tasks)
 
     def _make_bird(self) -> BirdExports | None:
         o = self.opts

@@ -20,7 +20,7 @@ class Options:
     node_name: str
     state_dir: Path
     run_dir: Path
-    manifests: Path
+    manifests: Path | None
     socket: Path
     bird_socket: Path | None = None
     bird_config: Path | None = None
@@ -29,6 +29,9 @@ class Options:
     policy: bool = True
     pod_wait: float = 5.0
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    # Kubernetes datastore: in-cluster config, or a kubeconfig file (else --manifests).
+    kubernetes: bool = False
+    kubeconfig: Path | None = None
 
 
 def _metrics_addr(value: str) -> tuple[str, int]:
@@ -44,7 +47,12 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
     p.add_argument("--node-name", required=True)
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/flock"))
     p.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
-    p.add_argument("--manifests", type=Path, required=True, help="standalone manifests directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifests", type=Path, help="standalone: a directory of manifests")
+    source.add_argument(
+        "--kubernetes", action="store_true", help="the Kubernetes API, in-cluster config"
+    )
+    source.add_argument("--kubeconfig", type=Path, help="the Kubernetes API, by this kubeconfig")
     p.add_argument("--socket", type=Path, help="plugin RPC socket (default RUN_DIR/agent.sock)")
     p.add_argument("--bird-socket", type=Path, help="BIRD control socket; omit to run without BGP")
     p.add_argument("--bird-config", type=Path, help="BIRD config file (default RUN_DIR/bird.conf)")
@@ -73,5 +81,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
         policy=not a.no_policy,
         pod_wait=a.pod_wait,
         drain_timeout=a.drain_timeout,
+        kubernetes=a.kubernetes,
+        kubeconfig=a.kubeconfig,
     )
     return opts, a.log_level
