@@ -77,7 +77,7 @@ async def status_report(agent: Agent) -> NodeStatusReport:
 
 
 async def report_status_forever(
-    agent: Agent, writer: NodeStatusWriter, *, interval: float = 10.0
+    agent: Agent, writer: NodeStatusWriter, *, interval: float = 5.0
 ) -> None:
     while True:
         try:

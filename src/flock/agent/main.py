@@ -169,8 +169,9 @@ class Agent:
 
         writer = NodeStatusWriter(self.datastore.client, self.opts.node_name)
         spawn(report_status_forever(self, writer), name="nodeconfig-status", tasks=self._tasks)
-        self.leaks = LeakReconciler(self, self.datastore)
-        spawn(self.leaks.run_forever(), name="leak-reconcile", tasks=self._tasks)
+        self.leaks = LeakReconciler(self, self.datastore, grace=self.opts.leak_grace)
+        leaks = self.leaks.run_forever(interval=self.opts.leak_interval)
+        spawn(leaks, name="leak-reconcile", tasks=self._tasks)
 
     def _make_bird(self) -> BirdExports | None:
         o = self.opts

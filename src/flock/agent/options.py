@@ -32,6 +32,9 @@ class Options:
     # Kubernetes datastore: in-cluster config, or a kubeconfig file (else --manifests).
     kubernetes: bool = False
     kubeconfig: Path | None = None
+    # Leak reconciliation (Kubernetes only): how long a pod must be gone, how often to look.
+    leak_grace: float = 60.0
+    leak_interval: float = 30.0
 
 
 def _metrics_addr(value: str) -> tuple[str, int]:
@@ -66,6 +69,14 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
         default=DEFAULT_DRAIN_TIMEOUT,
         help="seconds SIGTERM lets running CNI verbs finish before the agent exits anyway",
     )
+    p.add_argument(
+        "--leak-grace",
+        type=float,
+        default=60.0,
+        help="Kubernetes: seconds a pod must be gone (and its netns too) before its addresses "
+        "are released without a DEL",
+    )
+    p.add_argument("--leak-interval", type=float, default=30.0, help="seconds between leak checks")
     p.add_argument("--log-level", default="info")
     a = p.parse_args(list(argv))
     opts = Options(
@@ -83,5 +94,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
         drain_timeout=a.drain_timeout,
         kubernetes=a.kubernetes,
         kubeconfig=a.kubeconfig,
+        leak_grace=a.leak_grace,
+        leak_interval=a.leak_interval,
     )
     return opts, a.log_level

@@ -1,0 +1,203 @@
+"""The real agent in a node namespace, on the real kube-apiserver (`--kubeconfig`).
+
+One node namespace, attached to the API server's namespace by a veth; BIRD in
+the node; the agent started as a DaemonSet would start it, but with a
+kubeconfig. The API server is the only source of truth: NodeConfig, Pods and
+their status are API objects; the runtime's part (sandbox netns, CNI ADD) is
+played by the testbed's plugin calls.
+
+End to end: the NodeConfig renders BIRD's config; a pod's anycast follows its
+Ready condition patched at the API server; the agent writes the NodeConfig
+status; a pod deleted from the API whose DEL never comes (containerd 2.4 sends
+no GC) is released by the leak reconciler once its netns is gone, while a pod
+that still exists in the API keeps its addresses even without a netns.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flock.model.nodeconfig import API_VERSION
+from flock.testbed import netns
+from flock.testbed.bird import BirdDaemon
+from flock.testbed.kube import ADMIN, ApiServer
+from flock.testbed.node import Pod, TestNode, test_node
+from flock.testbed.wait import wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "deploy" / "crds" / "nodeconfig.yaml"
+WAIT = 60
+
+NODE6 = "2001:db8:ffff::1"
+NODE4 = "198.51.100.1"
+PEER6 = "2001:db8:ffff::fe"
+ANY6 = "2001:db8:a::53"
+SPEC: dict[str, Any] = {
+    "cidr6": ["2001:db8:f001::/64"],
+    "cidr4": ["10.1.0.0/24"],
+    "allowedAddresses": [{"cidr": "2001:db8:a::/48", "use": ["anycast"]}],
+    "bgp": {"asn": 65101, "peers": [{"address": PEER6, "asn": 65000}]},
+}
+
+
+def ok(
+    api: ApiServer, method: str, path: str, body: Any = None, ct: str = "application/json"
+) -> Any:
+    status, out = api.request(method, path, body, content_type=ct)
+    assert status < 300, f"{method} {path}: {status} {out}"
+    return out
+
+
+class Cluster:
+    def __init__(self, api: ApiServer, node: TestNode, bird: BirdDaemon, ns: str) -> None:
+        self.api, self.node, self.bird, self.ns = api, node, bird, ns
+
+    @property
+    def node_name(self) -> str:
+        assert self.node.node_name is not None
+        return self.node.node_name
+
+    def create_pod(self, name: str, annotations: dict[str, str] | None = None) -> Pod:
+        body = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "annotations": annotations or {}},
+            "spec": {"nodeName": self.node_name, "containers": [{"name": "c", "image": "x"}]},
+        }
+        obj = ok(self.api, "POST", f"/api/v1/namespaces/{self.ns}/pods", body)
+        return Pod(
+            namespace=self.ns,
+            name=name,
+            uid=obj["metadata"]["uid"],
+            netns_name=self.node.new_pod_netns(),
+            container_id=secrets.token_hex(16),
+        )
+
+    def add(self, pod: Pod) -> None:
+        self.node.pods[f"{pod.namespace}/{pod.name}"] = pod
+        pod.result = self.node.cni_add(pod)
+        assert pod.result.ok, pod.result.stdout
+
+    def set_ready(self, pod: Pod, ready: bool) -> None:
+        patch = {"status": {"conditions": [{"type": "Ready", "status": str(ready)}]}}
+        ok(
+            self.api,
+            "PATCH",
+            f"/api/v1/namespaces/{self.ns}/pods/{pod.name}/status",
+            patch,
+            "application/strategic-merge-patch+json",
+        )
+
+    def bird_has(self, prefix: str) -> bool:
+        out = netns.run(
+            ["birdc", "-s", str(self.bird.socket_path), "show", "route", "for", prefix, "all"],
+            netns=self.node.name,
+            check=False,
+        ).stdout
+        return f"{prefix}/128" in out
+
+    def allocations(self) -> list[tuple[str, str]]:
+        return sorted((a["namespace"], a["pod"]) for a in self.node.status()["allocations"])
+
+    def nodeconfig_status(self) -> dict[str, Any]:
+        obj = ok(self.api, "GET", f"/apis/{API_VERSION}/nodeconfigs/{self.node_name}")
+        st: dict[str, Any] = obj.get("status") or {}
+        return st
+
+
+@pytest.fixture
+def cluster(apiserver: ApiServer, tmp_path: Path) -> Iterator[Cluster]:
+    api = apiserver
+    api.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    api.kubectl(
+        "wait", "--for=condition=Established", "crd/nodeconfigs.flock.fritzlab.net",
+        "--timeout=60s", timeout=90,
+    )  # fmt: skip
+    suffix = secrets.token_hex(3)
+    node_name, ns = f"kn-{suffix}", f"ka-{suffix}"
+    kubeconfig = tmp_path / "agent.kubeconfig"
+    ok(api, "POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
+    nc = {"apiVersion": API_VERSION, "kind": "NodeConfig", "metadata": {"name": node_name}}
+    ok(api, "POST", f"/apis/{API_VERSION}/nodeconfigs", {**nc, "spec": SPEC})
+    try:
+        with test_node(
+            "fk",
+            v6=f"{NODE6}/64",
+            v4=f"{NODE4}/24",
+            node_name=node_name,
+            datastore_args=["--kubeconfig", str(kubeconfig)],
+            log_lines=60,
+        ) as node:
+            url = api.attach(node.name, api_cidr="203.0.113.1/30", peer_cidr="203.0.113.2/30")
+            api.kubeconfig_for(ADMIN, path=kubeconfig, server=url)
+            bird = BirdDaemon(netns=node.name, workdir=node.base_dir / "bird")
+            bird.start()
+            try:
+                node.start_agent(
+                    "--bird-socket", str(bird.socket_path),
+                    "--bird-config", str(bird.config_path),
+                    "--router-id", NODE4,
+                    "--leak-grace", "2", "--leak-interval", "0.5",
+                )  # fmt: skip
+                yield Cluster(api, node, bird, ns)
+            finally:
+                bird.stop()
+    finally:
+        api.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        api.kubectl("delete", "nodeconfig", node_name, "--ignore-not-found", check=False)
+
+
+def test_agent_follows_the_api_server(cluster: Cluster) -> None:
+    c = cluster
+    # NodeConfig -> BIRD config with the peer and our ASN.
+    wait_until(
+        lambda: c.bird.config_path.read_text(),
+        until=lambda text: PEER6 in text and "65101" in text,
+        timeout=WAIT,
+        what="BIRD config rendered from the NodeConfig",
+    )
+    st = c.node.status()
+    assert st["datastore_synced"] and st["node_config"] == "ok"
+
+    # A pod created at the API, then ADD: anycast exported once Ready.
+    web = c.create_pod("web", {"flock.fritzlab.net/anycast": ANY6})
+    c.add(web)
+    assert not c.bird_has(ANY6), "not Ready yet: not exported"
+    c.set_ready(web, True)
+    wait_until(lambda: c.bird_has(ANY6), timeout=WAIT, what="anycast exported when Ready")
+    c.set_ready(web, False)
+    wait_until(lambda: not c.bird_has(ANY6), timeout=WAIT, what="withdrawn on Ready=false")
+    c.set_ready(web, True)
+    wait_until(lambda: c.bird_has(ANY6), timeout=WAIT, what="exported again")
+
+    # The agent reports on the NodeConfig status.
+    status = wait_until(
+        c.nodeconfig_status,
+        until=lambda s: s.get("pods") == 1 and s.get("exportedAnycast") == 1,
+        timeout=WAIT,
+        what="NodeConfig status with the pod and its anycast",
+    )
+    assert status["allocations"]["ipv6"] == 1 and status["bgp"]["sessionsTotal"] == 1
+    assert {c_["type"] for c_ in status["conditions"]} == {"Ready", "BGPSessionsEstablished"}
+
+    # A pod that still exists in the API keeps its addresses, even without a netns.
+    keep = c.create_pod("keep")
+    c.add(keep)
+    netns.delete(keep.netns_name)
+    # Deleted from the API, sandbox gone, no DEL: the leak reconciler releases it.
+    ok(c.api, "DELETE", f"/api/v1/namespaces/{c.ns}/pods/web?gracePeriodSeconds=0")
+    netns.delete(web.netns_name)
+    wait_until(
+        c.allocations,
+        until=lambda a: a == [(c.ns, "keep")],
+        timeout=WAIT,
+        what="the deleted pod's allocation released, the live one kept",
+    )
+    wait_until(lambda: not c.bird_has(ANY6), timeout=WAIT, what="its anycast withdrawn")
+    log = c.node.agent_log.read_text()
+    assert "released a leaked allocation" in log
