@@ -10,12 +10,13 @@ It is run as a plain script (``python -I -S plugin.py`` or the self-contained
 bundle built by packaging/build_plugin_bundle.py), so it imports nothing from
 flock and as little of the standard library as it can: ``_socket`` directly
 instead of ``socket``, whose import (``enum``) would cost more than the rest of
-the plugin's start-up together; ``posix`` instead of ``os``. JSON as a runtime
-and the agent write it (no escapes, no floats) is read and written by a few
-lines of Python here (~30 us for a config and a result), because loading even
-``_json``, json's C accelerator, costs ~0.27 ms on every pod start; anything
-else goes to ``_json`` (imported then), and the public ``json`` module only
-explains what ``_json`` rejects.
+the plugin's start-up together; ``posix`` instead of ``os``. JSON goes through
+``_json``, json's C accelerator, directly: the public ``json`` module (it
+imports ``re`` and more) doubled the plugin's CPU time (16.3 vs 8.2 ms per exec,
+bench/bench_plugin_start.py --variant, loaded 2-CPU machine) and is imported
+only to explain a document ``_json`` rejects. (A hand-written reader and writer
+for plain JSON saved ~0.26 ms more per exec; it was dropped in issue 13, not
+worth ~150 lines on a path native forwarding will replace.)
 
 Exit status 0 and the result (ADD) or nothing (DEL, CHECK, GC, STATUS) on
 stdout on success; exit status 1 and a CNI error object on stdout on failure.
@@ -156,90 +157,6 @@ def _c_codec() -> tuple[object, object] | None:
     return _codec
 
 
-class _NotPlain(Exception):
-    """The document is not plain JSON: the C scanner (or the json module) decides."""
-
-
-_INT_START = frozenset("-0123456789")
-_CONSTANTS = (("true", True), ("false", False), ("null", None))
-
-
-def _plain_value(t: str, i: int) -> tuple[object, int]:
-    """One value at `t[i:]` (after whitespace): strings without escapes, integers,
-    true/false/null, objects, arrays. Raises _NotPlain on anything else, valid or not."""
-    n = len(t)
-    while i < n and t[i] in _JSON_WS:
-        i += 1
-    if i >= n:
-        raise _NotPlain
-    c = t[i]
-    if c == '"':
-        j = t.find('"', i + 1)
-        s = t[i + 1 : j]
-        # No backslash: the next quote ends it. isprintable() is False for the control
-        # characters JSON forbids in strings (and for some allowed ones: those go slow).
-        if j < 0 or "\\" in s or not s.isprintable():
-            raise _NotPlain
-        return s, j + 1
-    if c == "{":
-        obj: dict[str, object] = {}
-        i += 1
-        while i < n and t[i] in _JSON_WS:
-            i += 1
-        if i < n and t[i] == "}":
-            return obj, i + 1
-        while True:
-            while i < n and t[i] in _JSON_WS:
-                i += 1
-            if i >= n or t[i] != '"':
-                raise _NotPlain
-            key, i = _plain_value(t, i)
-            while i < n and t[i] in _JSON_WS:
-                i += 1
-            if i >= n or t[i] != ":":
-                raise _NotPlain
-            obj[key], i = _plain_value(t, i + 1)  # type: ignore[index]
-            while i < n and t[i] in _JSON_WS:
-                i += 1
-            if i < n and t[i] == ",":
-                i += 1
-            elif i < n and t[i] == "}":
-                return obj, i + 1
-            else:
-                raise _NotPlain
-    if c == "[":
-        arr: list[object] = []
-        i += 1
-        while i < n and t[i] in _JSON_WS:
-            i += 1
-        if i < n and t[i] == "]":
-            return arr, i + 1
-        while True:
-            value, i = _plain_value(t, i)
-            arr.append(value)
-            while i < n and t[i] in _JSON_WS:
-                i += 1
-            if i < n and t[i] == ",":
-                i += 1
-            elif i < n and t[i] == "]":
-                return arr, i + 1
-            else:
-                raise _NotPlain
-    if c in _INT_START:
-        j = i + 1 if c == "-" else i
-        k = j
-        while k < n and "0" <= t[k] <= "9":
-            k += 1
-        # No digits, a leading zero, a fraction or an exponent: not plain.
-        if k == j or (t[j] == "0" and k - j > 1) or (k < n and t[k] in ".eE") or k - j > 4000:
-            raise _NotPlain
-        return int(t[i:k]), k
-    for word, const in _CONSTANTS:
-        if t.startswith(word, i):
-            return const, i + len(word)
-    raise _NotPlain
-
-
 def _skip_ws(text: str, i: int) -> int:
     n = len(text)
     while i < n and text[i] in _JSON_WS:
@@ -252,12 +169,6 @@ def json_loads(data: bytes) -> object:
     text = data.decode("utf-8")  # UnicodeDecodeError is a ValueError
     if text.startswith("\ufeff"):
         text = text[1:]
-    try:
-        value, end = _plain_value(text, 0)
-        if _skip_ws(text, end) == len(text):
-            return value
-    except (_NotPlain, RecursionError):
-        pass
     codec = _c_codec()
     if codec is None:  # pragma: no cover
         return _slow_loads(text)
@@ -266,7 +177,8 @@ def json_loads(data: bytes) -> object:
         value, end = codec[0](text, start)  # type: ignore[operator]
     except (StopIteration, ValueError, SystemError, RecursionError):
         # The C scanner builds its error from json.decoder, which we do not import on the
-        # fast path (it drags in `re`): let the json module parse it again and explain.
+        # way of a valid document (it drags in `re`): let the json module parse it again
+        # and explain.
         return _slow_loads(text)
     end = _skip_ws(text, end)
     if end != len(text):
@@ -283,53 +195,8 @@ def _slow_loads(text: str) -> object:
         raise ValueError("JSON nested too deeply") from None
 
 
-def _plain_dump(value: object, out: list[str]) -> None:
-    """Append `value` as JSON: ASCII strings that need no escape, ints, True/False/None,
-    dicts with such keys, lists and tuples; _NotPlain on anything else."""
-    if isinstance(value, str):
-        if not (value.isascii() and value.isprintable()) or '"' in value or "\\" in value:
-            raise _NotPlain
-        out.append(f'"{value}"')
-    elif value is True:
-        out.append("true")
-    elif value is False:
-        out.append("false")
-    elif value is None:
-        out.append("null")
-    elif type(value) is int:
-        out.append(str(value))
-    elif type(value) is dict:
-        out.append("{")
-        first = True
-        for k, v in value.items():
-            if type(k) is not str:
-                raise _NotPlain
-            if not first:
-                out.append(",")
-            first = False
-            _plain_dump(k, out)
-            out.append(":")
-            _plain_dump(v, out)
-        out.append("}")
-    elif type(value) is list or type(value) is tuple:
-        out.append("[")
-        for n, v in enumerate(value):
-            if n:
-                out.append(",")
-            _plain_dump(v, out)
-        out.append("]")
-    else:
-        raise _NotPlain
-
-
 def json_dumps(value: object) -> str:
     """Compact JSON, non-ASCII escaped (what ``json.dumps(separators=(",", ":"))`` writes)."""
-    out: list[str] = []
-    try:
-        _plain_dump(value, out)
-        return "".join(out)
-    except (_NotPlain, RecursionError):
-        pass
     codec = _c_codec()
     if codec is None:  # pragma: no cover
         import json
