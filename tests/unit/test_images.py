@@ -282,7 +282,8 @@ def test_small_images_are_cached_by_content(
     assert index["test"]["ref"] == "ghcr.io/fritzlab/flock-test:1"
 
 
-# Runs inside the extracted test image (chroot) in a network namespace of its own,
+# Runs inside the extracted test image (chroot) in network, mount and UTS namespaces of
+# its own (UTS: `hostname pod-a` must not rename the machine),
 # with what the kubelet adds to every pod (/etc/hosts, /etc/resolv.conf: the static
 # busybox wget segfaults with either, which is why the image has `probe`).
 IN_POD = r"""
@@ -338,7 +339,7 @@ def test_test_image_serves_http_readiness_and_echo_on_both_families(
     (root / "etc" / "hosts").write_text("127.0.0.1 localhost\n::1 localhost\n")
     (root / "etc" / "resolv.conf").write_text("nameserver 10.96.0.10\noptions ndots:5\n")
     out = subprocess.run(
-        ["unshare", "--net", "--mount", "sh", "-c", IN_POD, "in-pod", str(root)],
+        ["unshare", "--net", "--mount", "--uts", "sh", "-c", IN_POD, "in-pod", str(root)],
         capture_output=True,
         text=True,
         timeout=60,
