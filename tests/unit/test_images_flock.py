@@ -136,27 +136,99 @@ def test_installer_puts_a_plugin_that_runs_on_the_host(
     assert "1.1.0" in json.loads(out.stdout)["supportedVersions"]
 
 
-def test_bird_probe_notices_a_dead_bird(image_root: tuple[Path, dict[str, object]]) -> None:
+# The BIRD container as the kubelet runs it: its command and capabilities from
+# install.yaml, read-only root, the run dir bind-mounted, in a netns of its own; the
+# liveness probe's command runs the same way (an exec probe enters the container).
+AS_BIRD_CONTAINER = r"""
+set -eu
+root=$1 run=$2 caps=$3 conf=$4; shift 4
+ip link set lo up
+mount --bind "$root" "$root"
+mount -o remount,bind,ro "$root"
+mount --bind "$run" "$root/run/flock"
+in_container() {
+  chroot "$root" setpriv --no-new-privs --inh-caps=-all --bounding-set="-all$caps" -- "$@"
+}
+probe() { in_container $PROBE >/dev/null 2>&1 && echo 0 || echo $?; }
+chroot "$root" setpriv --no-new-privs --inh-caps=-all --bounding-set="-all$caps" -- "$@" &
+bird=$!  # chroot execs setpriv execs sh execs bird: one PID
+trap 'kill $bird 2>/dev/null || true' EXIT  # also when a step below fails
+sleep 0.3
+echo "before config: $(probe) $(kill -0 $bird && echo waiting)"
+printf '%s' "$conf" > "$run/.bird.conf.tmp" && mv "$run/.bird.conf.tmp" "$run/bird.conf"
+i=0; until [ "$(probe)" = 0 ]; do
+  i=$((i+1)); [ $i -lt 200 ] || { echo "bird never answered"; exit 1; }; sleep 0.05
+done
+echo "alive: $(probe)"
+# BGP's port 179 (NET_BIND_SERVICE), LISTEN state 0A, in this netns
+i=0; until cat /proc/net/tcp /proc/net/tcp6 | grep -q ':00B3 [0-9A-F]*:0000 0A'; do
+  i=$((i+1)); [ $i -lt 200 ] || { echo "bgp listen: no"; exit 1; }; sleep 0.05
+done
+echo "bgp listen: yes"
+kill $bird
+wait $bird || true
+kill -0 $bird 2>/dev/null && { echo "bird still running"; exit 1; }
+echo "dead: $(probe)"
+"""
+BIRD_CONF = """router id 192.0.2.1;
+protocol device {}
+protocol bgp peer1 {
+  local as 65001;
+  neighbor 127.0.0.2 as 65002;
+  multihop;  # no directly-connected check: listen at once
+  passive on;
+  ipv4 { import none; export none; };
+}
+"""
+
+
+def test_bird_container_starts_on_config_and_its_probe_notices_death(
+    image_root: tuple[Path, dict[str, object]], tmp_path: Path
+) -> None:
     root, _ = image_root
-    res = in_image(
-        root,
-        """
-        mkdir -p /run/flock
-        printf 'router id 192.0.2.1;\\nprotocol device {}\\n' > /run/flock/bird.conf
-        bird -c /run/flock/bird.conf -s /run/flock/bird.ctl -P /run/flock/bird.pid
-        i=0; until birdc -s /run/flock/bird.ctl show status >/dev/null 2>&1; do
-          i=$((i+1)); [ $i -lt 100 ] || { echo "bird never answered"; exit 1; }; sleep 0.05
-        done
-        probe() { birdc -s /run/flock/bird.ctl show status >/dev/null 2>&1 && echo 0 || echo $?; }
-        echo "alive: $(probe)"
-        pid=$(cat /run/flock/bird.pid)
-        kill "$pid"
-        i=0; while kill -0 "$pid" 2>/dev/null; do
-          i=$((i+1)); [ $i -lt 100 ] || { echo "bird did not stop"; exit 1; }; sleep 0.05
-        done
-        echo "dead: $(probe)"
-        """,
-        net=True,
+    (ds,) = [d for d in yaml.safe_load_all(INSTALL.read_text()) if d and d["kind"] == "DaemonSet"]
+    bird = ds["spec"]["template"]["spec"]["containers"][1]
+    assert bird["name"] == "bird"
+    sc = bird["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert not sc.get("privileged") and sc["allowPrivilegeEscalation"] is False
+    caps = "".join(",+" + c.lower() for c in sc["capabilities"].get("add", []))
+    assert [m["mountPath"] for m in bird["volumeMounts"]] == ["/run/flock"]
+    (root / "run" / "flock").mkdir(parents=True, exist_ok=True)
+    run = tmp_path / "run-flock"
+    run.mkdir()
+    env = {
+        "PATH": "/opt/flock/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "PROBE": " ".join(bird["livenessProbe"]["exec"]["command"]),
+    }
+    res = subprocess.run(
+        [
+            "unshare",
+            "--net",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            AS_BIRD_CONTAINER,
+            "-",
+            str(root),
+            str(run),
+            caps,
+            BIRD_CONF,
+            *bird["command"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.split("\n")[:2] == ["alive: 0", "dead: 1"], res.stdout + res.stderr
+    assert res.stdout.splitlines() == [
+        "before config: 1 waiting",  # the probe fails while BIRD waits for the agent
+        "alive: 0",
+        "bgp listen: yes",
+        "dead: 1",  # a dead BIRD fails the liveness probe
+    ], res.stdout + res.stderr
