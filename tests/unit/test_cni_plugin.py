@@ -99,8 +99,9 @@ class FakeAgent:
 
     @property
     def last(self) -> dict[str, Any]:
-        msg = json.loads(self.received[-1])
-        assert isinstance(msg, dict)
+        """The last request as the agent reads it: the frame checked by `plugin.prepare`."""
+        env, stdin = plugin.decode_frame(self.received[-1])
+        _, msg = plugin.prepare(env, stdin, [])
         return msg
 
 

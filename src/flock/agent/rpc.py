@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from flock.cni import plugin
 from flock.cni.plugin import DEFERRED_DEL_DIRNAME as DEFERRED_DEL_DIRNAME
 from flock.model.cni import ERR_DECODE, ERR_INTERNAL, ERR_IO, CniError, CniRequest
 
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[CniRequest], Awaitable[dict[str, Any]]]
 
-MAX_REQUEST = 16 << 20  # GC lists every live attachment: ~100 bytes each
+# GC lists every live attachment (~100 bytes each); a frame adds the environment to stdin.
+MAX_REQUEST = plugin.MAX_STDIN + (1 << 20)
 READ_TIMEOUT = 30.0
 
 
@@ -150,6 +152,57 @@ async def _answer(raw: bytes, handler: Handler) -> tuple[bytes, str, str]:
         return reply, command, "internal error"
 
 
+async def _answer_frame(raw: bytes, handler: Handler) -> tuple[bytes, str, str]:
+    """(reply frame, command, outcome) for a request frame (docs/cni.md, "Wire format").
+
+    The frame carries the runtime's CNI_* environment and stdin as they were: the
+    plugin's own checks (`plugin.prepare`) turn them into the request, and the reply
+    is exactly what the plugin prints, so the native launcher only copies it.
+    """
+    notes: list[str] = []
+    version, command = plugin.SPEC_VERSION, "?"
+    try:
+        try:
+            env, stdin = plugin.decode_frame(raw)
+        except ValueError as e:
+            raise CniError(ERR_DECODE, "RPC request is not a valid frame", str(e)) from None
+        command = env.get("CNI_COMMAND", "?")
+        version, request = plugin.prepare(env, stdin, notes)
+        req = CniRequest.from_wire(request)
+        result = await handler(req)
+        if not isinstance(result, dict):
+            raise TypeError(f"handler returned {type(result).__name__}, not a dict")
+        status, out = plugin.finish(req.command, version, result)
+        outcome = "ok"
+    except plugin.Answer as a:
+        status, out = a.status, a.out
+        outcome = f"error {a.out.get('code')}" if a.status and a.out else "ok"
+    except CniError as e:
+        status, out = 1, plugin.error_object(version, e.code, e.msg, e.details)
+        outcome = f"error {e.code}"
+    except Exception as e:
+        log.exception("CNI %s: unexpected failure in the agent", command)
+        status, out, outcome = 1, _internal(version, command, e), "internal error"
+    try:
+        return plugin.encode_reply(status, out, notes), command, outcome
+    except ValueError as e:  # a result JSON cannot carry (NaN)
+        log.exception("CNI %s: result not encodable", command)
+        return (
+            plugin.encode_reply(1, _internal(version, command, e), notes),
+            command,
+            "internal error",
+        )
+
+
+def _internal(version: str, command: str, e: Exception) -> dict[str, object]:
+    return plugin.error_object(
+        version,
+        ERR_INTERNAL,
+        f"flock agent: internal error during {command}: {type(e).__name__}: {e}",
+        "this is a bug in flock; the agent log has the traceback",
+    )
+
+
 async def serve(
     path: Path,
     handler: Handler,
@@ -177,7 +230,10 @@ async def serve(
                 reply = json.dumps({"error": e.to_wire()}).encode()
                 outcome = f"error {e.code}"
             else:
-                reply, command, outcome = await _answer(raw, handler)
+                if raw.startswith(plugin.FRAME_MAGIC):
+                    reply, command, outcome = await _answer_frame(raw, handler)
+                else:
+                    reply, command, outcome = await _answer(raw, handler)
             writer.write(reply)
             await writer.drain()
         except OSError as e:

@@ -58,6 +58,18 @@ DEFAULT_BUNDLE = Path(os.environ.get("FLOCK_CNI_BUNDLE", "/opt/flock/cni"))
 DEFAULT_SOCKET = "/run/flock/agent.sock"
 MODULE_NAME = "flock_cni_plugin"
 
+# With --launcher: the native launcher is the entry and execs this script in flock.d
+# for whatever it does not forward itself (packaging/launcher.c).
+TREE_STUB = """#!{python} -IS
+# flock CNI plugin (installed by `flock install-cni --python --launcher`); the launcher
+# execs it for what it does not forward natively. Runs {module} from this directory.
+import sys
+sys.path.insert(0, sys.argv[0].rpartition("/")[0])
+import {module}
+sys.exit({module}.main())
+"""
+TREE_STUB_NAME = "plugin"
+
 STUB = """#!{python} -IS
 # flock CNI plugin entry (installed by `flock install-cni --python`); runs {module} from flock.d.
 import sys
@@ -196,9 +208,13 @@ def _plugin_source() -> Path:
     return Path(__file__).with_name("plugin.py")
 
 
-def _script_tree(staging: Path) -> None:
+def _script_tree(staging: Path, python: str, launcher: bool) -> None:
     staging.mkdir()
     shutil.copy2(_plugin_source(), staging / f"{MODULE_NAME}.py")
+    if launcher:
+        stub = staging / TREE_STUB_NAME
+        stub.write_text(TREE_STUB.format(python=python, module=MODULE_NAME))
+        stub.chmod(0o755)
 
 
 def _precompile(tree: Path, python: str) -> None:
@@ -232,15 +248,23 @@ def install(
     state_dir: str = "",
     bundle: Path | None = None,
     python: str | None = None,
+    launcher: Path | None = None,
     cni_version: str = "1.0.0",
     portmap: bool = False,
     conflist_name: str = CONFLIST_NAME,
 ) -> list[str]:
-    """Install; returns one line per action taken (empty when nothing changed)."""
+    """Install; returns one line per action taken (empty when nothing changed).
+
+    `launcher` (with `python`): the static launcher built from packaging/launcher.c
+    becomes the entry, forwarding natively and exec'ing the host Python's plugin
+    for the rest; without it the entry is the Python stub.
+    """
     if not socket.startswith("/"):
         raise InstallError(f"--socket {socket!r} must be an absolute path")
     if state_dir and not state_dir.startswith("/"):
         raise InstallError(f"--state-dir {state_dir!r} must be an absolute path")
+    if launcher is not None and python is None:
+        raise InstallError("--launcher goes with --python (a bundle brings its own launcher)")
     if cni_version not in ("0.4.0", "1.0.0", "1.1.0"):
         raise InstallError(f"--cni-version {cni_version!r}: use 0.4.0, 1.0.0 or 1.1.0")
     for d in (bin_dir, conf_dir):
@@ -254,11 +278,14 @@ def install(
         check_python(python)
         with tempfile.TemporaryDirectory(prefix="flock-install-") as tmp:
             staging = Path(tmp) / "tree"
-            _script_tree(staging)
+            _script_tree(staging, python, launcher is not None)
             name, changed = install_tree(staging, bin_dir)
         if not (bin_dir / name / "__pycache__").is_dir():
             _precompile(bin_dir / name, python)
-        entry = STUB.format(python=python, module=MODULE_NAME, link=TREE_LINK).encode()
+        if launcher is not None:
+            entry = launcher.read_bytes()
+        else:
+            entry = STUB.format(python=python, module=MODULE_NAME, link=TREE_LINK).encode()
     else:
         src = bundle if bundle is not None else DEFAULT_BUNDLE
         if not (src / PLUGIN_NAME).is_file() or not (src / TREE_LINK).is_dir():
@@ -350,6 +377,12 @@ def main(argv: Sequence[str]) -> int:
     src.add_argument("--bundle", type=Path, help=f"self-contained build (default {DEFAULT_BUNDLE})")
     src.add_argument("--python", help="run the plugin with this host Python 3.11+ instead")
     ap.add_argument(
+        "--launcher",
+        type=Path,
+        help="with --python: the static launcher (packaging/launcher.c, built by scripts/setup)"
+        " as the entry, forwarding to the agent without starting Python",
+    )
+    ap.add_argument(
         "--cni-version",
         default="1.0.0",
         help="the conflist's cniVersion (%(default)s; cniVersions always lists up to 1.1.0)",
@@ -379,6 +412,7 @@ def main(argv: Sequence[str]) -> int:
             state_dir=args.state_dir,
             bundle=args.bundle,
             python=args.python,
+            launcher=args.launcher,
             cni_version=args.cni_version,
             portmap=args.portmap,
             conflist_name=args.conflist_name,

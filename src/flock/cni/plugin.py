@@ -52,6 +52,13 @@ STATUS_TIMEOUT = 5.0
 CONNECT_WAIT = 2.0  # rides out an agent restart that is replacing its socket
 MAX_STDIN = 16 << 20
 MAX_REPLY = 16 << 20
+# The wire format (docs/cni.md, "Wire format"), the same bytes from this plugin and from
+# the native launcher (packaging/launcher.c): the request is FRAME_MAGIC, every CNI_*
+# variable as NAME=VALUE\0 (environ order, first of a name wins), an empty entry (\0),
+# then stdin exactly as the runtime wrote it; the plugin then half-closes. The reply is
+# b"FLOCK/1 <exit status> <stdout length>\n", the stdout bytes, then stderr until EOF.
+FRAME_MAGIC = b"FLOCK/1\n"
+REPLY_MAGIC = b"FLOCK/1 "
 
 # The plugin <-> agent contract is defined here, once: this stdlib-only module is the
 # leaf the agent imports it from (flock.model.cni, flock.agent.rpc), so the two sides
@@ -104,6 +111,15 @@ class Failure(Exception):
         self.code = code
         self.msg = msg
         self.details = details
+
+
+class Answer(Exception):
+    """The plugin answers without the agent (VERSION, or a check failed): exit status, output."""
+
+    def __init__(self, status: int, out: "JsonObject | None") -> None:
+        super().__init__(status)
+        self.status = status
+        self.out = out
 
 
 class AgentUnreachable(Exception):
@@ -251,6 +267,8 @@ def parse_cni_args(raw: str) -> dict[str, str]:
 
 def check_env(command: str, env: dict[str, str]) -> None:
     for name in sorted(env):
+        if "\0" in env[name]:  # not from a real environment; it would break the frame
+            raise Failure(ERR_INVALID_ENV, f"{name} contains a NUL byte")
         try:
             env[name].encode()
         except UnicodeEncodeError:  # bytes that were not UTF-8, kept by surrogateescape
@@ -406,11 +424,52 @@ def convert_result(result: JsonObject, version: str) -> JsonObject:
 # --- Talking to the agent -------------------------------------------------------------------
 
 
-def call_agent(path: str, request: bytes, *, timeout: float, connect_wait: float) -> JsonObject:
-    """One request, one reply, over the agent's unix socket (docs/architecture.md).
+def encode_frame(env: dict[str, str], stdin: bytes) -> bytes:
+    """The request frame for `env` (the CNI_* variables, in environ order) and `stdin`."""
+    parts = [FRAME_MAGIC]
+    for k, v in env.items():
+        parts.append(f"{k}={v}".encode("utf-8", "surrogateescape") + b"\0")
+    parts.append(b"\0")
+    parts.append(stdin)
+    return b"".join(parts)
 
-    Raises AgentUnreachable when nothing answers (no socket, refused, timeout) and
-    Failure for a reply that is not the RPC's shape.
+
+def decode_frame(raw: bytes) -> tuple[dict[str, str], bytes]:
+    """(environment, stdin) from a request frame; ValueError if it is not one."""
+    if not raw.startswith(FRAME_MAGIC):
+        raise ValueError("not a flock request frame")
+    env: dict[str, str] = {}
+    i = len(FRAME_MAGIC)
+    while True:
+        j = raw.find(b"\0", i)
+        if j < 0:
+            raise ValueError("request frame: the environment is not terminated")
+        if j == i:
+            return env, raw[j + 1 :]
+        key, sep, value = raw[i:j].partition(b"=")
+        if not sep or not key.startswith(b"CNI_"):
+            raise ValueError(f"request frame: {raw[i:j][:60]!r} is not a CNI_* variable")
+        env.setdefault(
+            key.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
+        i = j + 1
+
+
+def encode_reply(status: int, out: JsonObject | None, notes: list[str]) -> bytes:
+    """The reply frame: what the plugin would print and its exit status."""
+    body = (json_dumps(out) + "\n").encode() if out is not None else b""
+    err = ("\n".join(notes) + "\n").encode("utf-8", "replace") if notes else b""
+    return b"%s%d %d\n%s%s" % (REPLY_MAGIC, status, len(body), body, err)
+
+
+def call_agent(
+    path: str, request: bytes, *, timeout: float, connect_wait: float
+) -> JsonObject | tuple[int, bytes, bytes]:
+    """One request, one reply, over the agent's unix socket (docs/cni.md, "Wire format").
+
+    Returns (exit status, stdout, stderr) for a reply frame, or the result of an older
+    agent's JSON reply. Raises AgentUnreachable when nothing answers (no socket, refused,
+    timeout, a frame cut short) and Failure for a reply that is neither.
     """
     deadline = time.monotonic() + timeout
     connect_deadline = time.monotonic() + connect_wait
@@ -459,6 +518,8 @@ def call_agent(path: str, request: bytes, *, timeout: float, connect_wait: float
     raw = b"".join(chunks)
     if not raw:
         raise AgentUnreachable(f"{path}: the agent closed the connection without answering")
+    if raw.startswith(REPLY_MAGIC[: len(raw)]):
+        return _reply_frame(path, raw)
     try:
         reply = json_loads(raw)
     except ValueError as e:
@@ -479,6 +540,23 @@ def call_agent(path: str, request: bytes, *, timeout: float, connect_wait: float
         "the flock agent sent a reply of the wrong shape",
         f"expected {{'result': {{...}}}} or {{'error': {{code, msg}}}}, got {raw[:200]!r}",
     )
+
+
+def _reply_frame(path: str, raw: bytes) -> tuple[int, bytes, bytes]:
+    head, nl, rest = raw.partition(b"\n")
+    fields = head[len(REPLY_MAGIC) :].split(b" ")
+    if not nl or len(fields) != 2 or not all(f.isdigit() and len(f) < 10 for f in fields):
+        if not nl and len(head) < 24:  # the header itself was cut short
+            raise AgentUnreachable(f"{path}: the agent closed the connection mid-reply")
+        raise Failure(
+            ERR_INTERNAL, "the flock agent sent a reply frame of the wrong shape", f"{raw[:200]!r}"
+        )
+    status, size = int(fields[0]), int(fields[1])
+    if status not in (0, 1):
+        raise Failure(ERR_INTERNAL, f"the flock agent sent exit status {status}", f"{raw[:200]!r}")
+    if size > len(rest):
+        raise AgentUnreachable(f"{path}: the agent closed the connection mid-reply")
+    return status, rest[:size], rest[size:]
 
 
 def defer_del(state_dir: str, request: JsonObject) -> str:
@@ -522,17 +600,22 @@ def version_reply(stdin: bytes) -> JsonObject:
     return {"cniVersion": asked or SPEC_VERSION, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-def run(
-    env: dict[str, str], stdin: bytes, log: list[str] | None = None
-) -> tuple[int, JsonObject | None]:
-    """Everything but the process plumbing: returns (exit status, JSON to print or None).
+def error_object(version: str, code: int, msg: str, details: str = "") -> JsonObject:
+    err: JsonObject = {"cniVersion": version, "code": code, "msg": msg}
+    if details:
+        err["details"] = details
+    return err
 
-    `log` collects lines meant for stderr.
+
+def prepare(env: dict[str, str], stdin: bytes, notes: list[str]) -> tuple[str, JsonObject]:
+    """Check what the runtime gave: (the cniVersion to answer in, the request for the agent).
+
+    Raises Answer when the plugin answers by itself: VERSION, or a check that failed.
+    The agent runs the same function on the frame it receives (it trusts no peer).
     """
-    notes = log if log is not None else []
     command = env.get("CNI_COMMAND", "")
     if command == "VERSION":
-        return 0, version_reply(stdin)
+        raise Answer(0, version_reply(stdin))
     try:
         config: object = json_loads(stdin)
         decode_error = ""
@@ -565,21 +648,9 @@ def run(
             )
         conf = check_config(command, config)
         args = parse_cni_args(env.get("CNI_ARGS", ""))
-        result = forward(command, env, conf, args, notes)
     except Failure as f:
-        err: JsonObject = {"cniVersion": version, "code": f.code, "msg": f.msg}
-        if f.details:
-            err["details"] = f.details
-        return 1, err
-    if command == "ADD":
-        return 0, convert_result(result, version)
-    return 0, None
-
-
-def forward(
-    command: str, env: dict[str, str], conf: JsonObject, args: dict[str, str], notes: list[str]
-) -> JsonObject:
-    request: JsonObject = {
+        raise Answer(1, error_object(version, f.code, f.msg, f.details)) from None
+    return version, {
         "command": command,
         "containerID": env.get("CNI_CONTAINERID", ""),
         "netns": env.get("CNI_NETNS", ""),
@@ -588,6 +659,42 @@ def forward(
         "path": env.get("CNI_PATH", ""),
         "config": conf,
     }
+
+
+def finish(command: str, version: str, result: JsonObject) -> tuple[int, JsonObject | None]:
+    """The agent's 1.1.0 result as printed: converted for ADD, nothing for the other verbs."""
+    if command == "ADD":
+        return 0, convert_result(result, version)
+    return 0, None
+
+
+def run(
+    env: dict[str, str], stdin: bytes, log: list[str] | None = None
+) -> tuple[int, JsonObject | None]:
+    """Everything but the process plumbing: returns (exit status, JSON to print or None).
+
+    `log` collects lines meant for stderr.
+    """
+    notes = log if log is not None else []
+    try:
+        version, request = prepare(env, stdin, notes)
+    except Answer as a:
+        return a.status, a.out
+    try:
+        return forward(request, version, encode_frame(env, stdin), notes)
+    except Failure as f:
+        return 1, error_object(version, f.code, f.msg, f.details)
+
+
+def forward(
+    request: JsonObject, version: str, frame: bytes, notes: list[str]
+) -> tuple[int, JsonObject | None]:
+    """Send `frame` to the agent; (exit status, output). An unreachable agent fails the
+    verb with a code the runtime retries on, except DEL, which is recorded for later."""
+    command = request["command"]
+    assert isinstance(command, str)
+    conf = request["config"]
+    assert isinstance(conf, dict)
     sock = conf.get("agentSocket")
     sock_path = sock if isinstance(sock, str) else DEFAULT_AGENT_SOCKET
     raw_timeout = conf.get("agentTimeout")
@@ -595,9 +702,9 @@ def forward(
     if command == "STATUS":
         timeout = min(timeout, STATUS_TIMEOUT)
     try:
-        return call_agent(
+        reply = call_agent(
             sock_path,
-            json_dumps(request).encode(),
+            frame,
             timeout=timeout,
             connect_wait=0.0 if command == "STATUS" else min(CONNECT_WAIT, timeout),
         )
@@ -625,7 +732,23 @@ def forward(
         notes.append(
             f"flock: agent unreachable ({e.detail}); DEL recorded in {where} for the agent"
         )
-        return {}
+        return 0, None
+    if isinstance(reply, dict):  # an agent from before the frame: the result to convert
+        return finish(command, version, reply)
+    status, out, err = reply
+    if err:
+        notes.append(err.decode("utf-8", "replace").rstrip("\n"))
+    if not out:
+        return status, None
+    try:
+        printed = json_loads(out)
+    except ValueError as e:
+        raise Failure(ERR_INTERNAL, "the flock agent's output is not JSON", str(e)) from None
+    if not isinstance(printed, dict):
+        raise Failure(
+            ERR_INTERNAL, "the flock agent's output is not a JSON object", f"{out[:200]!r}"
+        )
+    return status, printed
 
 
 def _environ() -> dict[str, str]:
@@ -692,6 +815,12 @@ def main() -> int:
             sys.stdout.buffer.write(json_dumps(out).encode() + b"\n")
             sys.stdout.buffer.flush()
     except (OSError, ValueError):
+        # stdout is gone (closed pipe): point fd 1 at /dev/null, or the interpreter's own
+        # flush at exit fails again and turns the exit status into 120.
+        try:  # noqa: SIM105 - contextlib is an import the plugin does not pay for
+            posix.dup2(posix.open("/dev/null", posix.O_WRONLY), 1)
+        except OSError:
+            pass
         return 1
     return status
 
