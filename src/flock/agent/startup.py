@@ -15,28 +15,13 @@ import logging
 import os
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from flock.apply.datapath import HostVeth, PodNetResult, PodNetSpec, PodRoute
+from flock.agent.service import Datapath
+from flock.apply.datapath import PodNetSpec
 from flock.model.allocation import Allocation
 
 log = logging.getLogger("flock.agent")
-
-
-class ResyncDatapath(Protocol):
-    def setup_pod(self, spec: PodNetSpec) -> PodNetResult: ...
-
-    def teardown_pod(
-        self, *, container_id: str, ifname: str = "eth0", host_ifname: str = ""
-    ) -> bool: ...
-
-    def check_pod(self, spec: PodNetSpec) -> list[str]: ...
-
-    def list_host_veths(self) -> list[HostVeth]: ...
-
-    def list_pod_routes(self) -> list[PodRoute]: ...
-
-    def delete_pod_route(self, route: PodRoute) -> None: ...
 
 
 @dataclass
@@ -66,7 +51,7 @@ class ResyncReport:
         self.failures.append({**ids, "step": what, "error": str(err)})
 
 
-def resync_kernel(datapath: ResyncDatapath, allocations: Sequence[Allocation]) -> ResyncReport:
+def resync_kernel(datapath: Datapath, allocations: Sequence[Allocation]) -> ResyncReport:
     """Make the kernel agree with the store (blocking; run before serving).
 
     Repairs attachments whose pod netns exists but whose network is incomplete
