@@ -47,7 +47,7 @@ import functools
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
@@ -178,7 +178,6 @@ class CniService:
         metrics: Metrics | None = None,
         pod_wait: float = 5.0,
         workers: int = 16,
-        inspect: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self.datastore = datastore
         self.store = store
@@ -196,7 +195,6 @@ class CniService:
             tuple[AttachmentKey, Allocation | None, asyncio.Future[None]]
         ] = collections.deque()
         self._writing = False  # a batch is with the store thread
-        self._inspect = inspect
         self.ready = False
         self._inflight = 0
         self._idle = asyncio.Event()
