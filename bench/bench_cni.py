@@ -1,4 +1,4 @@
-"""CNI ADD/DEL latency and churn: flock vs the reference plugins ptp + host-local, in one run.
+"""CNI ADD/DEL latency and churn: flock vs the reference plugins bridge and ptp, in one run.
 
 Both plugins are executed exactly as a runtime executes them: a subprocess with
 the CNI_* environment and the network config on stdin, timed from exec to exit
@@ -7,22 +7,27 @@ before the clock starts, as the runtime and API server would have them.
 
 - flock: a node namespace with the real agent (`flock.testbed.node.TestNode`),
   dual-stack NodeConfig, policy engine on (as deployed).
-- reference: `ptp` with `host-local` IPAM, dual-stack ranges, run from inside
-  its own node namespace by a worker process (`ip netns exec`), so that the
-  plugins program that namespace and the timing excludes `ip netns exec`.
+  flock runs twice: with the native launcher as the entry (`install-cni --python
+  --launcher`, what a node runs) and with the Python plugin alone (--python hosts).
+- reference: `bridge` and `ptp`, both with `host-local` IPAM and dual-stack
+  ranges, each run from inside its own node namespace by a worker process (`ip
+  netns exec`), so that the plugins program that namespace and the timing
+  excludes `ip netns exec`. ptp waits for IPv6 DAD (~1.8 s per ADD): it gets
+  fewer pods (--ptp-pods).
 
 Figures: ADD and DEL p50/p99 over N sequential pods, ADD mean of the first vs
-the last 50 pods (flatness), sequential ADD rate, sustained churn (ADD+DEL
-pairs per second) sequentially and 16-way concurrent. Then, for flock, where
-the time goes: the interpreter alone (the plugin's #! line running `pass`),
-plugin start-up alone (VERSION, which the plugin answers without the agent),
-the plugin's whole ADD against a process that answers a canned result at once,
-the agent's RPC round trip for a no-op verb, and the agent's share (the same
-ADD/DEL sent straight to the socket).
+the last 100 pods (flatness), sequential ADD rate, sustained churn (ADD+DEL
+pairs per second) sequentially and 16-way concurrent; the ratio of flock to
+each reference from the same run, and the load average (the machine is shared).
+Then, for flock, where the time goes: the launcher's exec and socket round trip
+against a process that answers a canned reply at once, the interpreter alone
+and the Python plugin against the same, the agent's RPC round trip for a no-op
+verb, the agent's share (the same ADD/DEL sent straight to the socket), and the
+kernel work inside the agent's ADD (its own per-ADD timings in the log).
 
 FLOCK_BENCH_PREFIX sets the prefix of the namespaces and temp dirs (default "fab").
 
-Run as root:  .venv/bin/python bench/bench_cni.py [--pods 200] [--ref-pods 200]
+Run as root:  .venv/bin/python bench/bench_cni.py [--pods 500] [--ref-pods 500] [--ptp-pods 50]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from flock.agent import rpc
+from flock.cni import plugin
 from flock.testbed import netns
 from flock.testbed.node import Pod, TestNode, pod_manifest
 
@@ -67,19 +73,24 @@ def ms(x: float) -> str:
 # ---- reference worker (runs inside the reference node namespace) ----------------------------
 
 
-def ref_config(data_dir: str) -> dict[str, Any]:
-    return {
-        "cniVersion": "1.0.0",
-        "name": "refnet",
-        "type": "ptp",
-        "ipMasq": False,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{"subnet": "10.2.0.0/16"}], [{"subnet": "2001:db8:f002::/64"}]],
-            "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
-            "dataDir": data_dir,
-        },
+def ref_config(kind: str, data_dir: str) -> dict[str, Any]:
+    ipam = {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.2.0.0/16"}], [{"subnet": "2001:db8:f002::/64"}]],
+        "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+        "dataDir": data_dir,
     }
+    if kind == "bridge":
+        return {
+            "cniVersion": "1.0.0",
+            "name": "refbr",
+            "type": "bridge",
+            "bridge": "fabbr0",
+            "isGateway": True,
+            "ipMasq": False,
+            "ipam": ipam,
+        }
+    return {"cniVersion": "1.0.0", "name": "refnet", "type": "ptp", "ipMasq": False, "ipam": ipam}
 
 
 def ref_exec(command: str, cid: str, ns_path: str, config: dict[str, Any]) -> tuple[float, bool]:
@@ -93,14 +104,17 @@ def ref_exec(command: str, cid: str, ns_path: str, config: dict[str, Any]) -> tu
     }
     t0 = time.perf_counter()
     p = subprocess.run(
-        [str(REF_BIN / "ptp")], input=json.dumps(config).encode(), env=env, capture_output=True
+        [str(REF_BIN / config["type"])],
+        input=json.dumps(config).encode(),
+        env=env,
+        capture_output=True,
     )
     return time.perf_counter() - t0, p.returncode == 0
 
 
-def reference_worker(pods: int, churn: int, churn16: int) -> dict[str, Any]:
+def reference_worker(kind: str, pods: int, churn: int, churn16: int) -> dict[str, Any]:
     data_dir = tempfile.mkdtemp(prefix=f"{PREFIX}ref-")
-    cfg = ref_config(data_dir)
+    cfg = ref_config(kind, data_dir)
     made: list[str] = []
 
     def new_ns() -> str:
@@ -110,15 +124,15 @@ def reference_worker(pods: int, churn: int, churn16: int) -> dict[str, Any]:
         return name
 
     try:
-        nss = [new_ns() for _ in range(pods)]
-        cids = [uuid.uuid4().hex for _ in nss]
+        nss = [new_ns() for _ in range(max(pods, 16))]
+        cids = [uuid.uuid4().hex for _ in nss[:pods]]
         adds, dels = [], []
-        for cid, n in zip(cids, nss, strict=True):
+        for cid, n in zip(cids, nss, strict=False):
             dt, ok = ref_exec("ADD", cid, netns.path(n), cfg)
             if not ok:
-                raise RuntimeError("reference ADD failed")
+                raise RuntimeError(f"reference {kind} ADD failed")
             adds.append(dt)
-        for cid, n in zip(cids, nss, strict=True):
+        for cid, n in zip(cids, nss, strict=False):
             dt, ok = ref_exec("DEL", cid, netns.path(n), cfg)
             dels.append(dt)
 
@@ -152,7 +166,7 @@ def churn_rate(cycle: Callable[[str], None], nss: list[str], cycles: int, worker
     return per * workers / (time.perf_counter() - t0)
 
 
-def run_reference(pods: int, churn: int, churn16: int) -> dict[str, Any]:
+def run_reference(kind: str, pods: int, churn: int, churn16: int) -> dict[str, Any]:
     node = netns.unique_name(PREFIX + "R", 6)
     netns.create(node, forwarding=True)
     try:
@@ -165,6 +179,7 @@ def run_reference(pods: int, churn: int, churn16: int) -> dict[str, Any]:
                 sys.executable,
                 __file__,
                 "--reference-worker",
+                kind,
                 "--ref-pods",
                 str(pods),
                 "--ref-churn",
@@ -185,8 +200,10 @@ def run_reference(pods: int, churn: int, churn16: int) -> dict[str, Any]:
 # ---- flock -----------------------------------------------------------------------------------
 
 
-def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dict[str, Any]:
-    node = TestNode.create(PREFIX)
+def run_flock(
+    pods: int, churn: int, churn16: int, agent_args: list[str], *, launcher: bool
+) -> dict[str, Any]:
+    node = TestNode.create(PREFIX, launcher=launcher)
     try:
         node.set_node_config({"cidr6": ["2001:db8:f001::/64"], "cidr4": ["10.1.0.0/16"]})
         node.start_agent(*agent_args)
@@ -237,10 +254,10 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
         seq_rate = churn_rate(cycle, [churn_pods[0].netns_name], churn, 1)
         conc_rate = churn_rate(cycle, [p.netns_name for p in churn_pods], churn16, 16)
 
-        # Where the time goes: the interpreter alone, plugin start-up alone, the
-        # plugin's whole ADD against an agent that answers at once, and the agent alone.
-        floor = interpreter_floor(node.plugin, 30)
-        version = [node.cni("VERSION", ifname="").seconds for _ in range(30)]
+        # Where the time goes: the interpreter alone, the plugin's whole ADD against an
+        # agent that answers at once (launcher or Python), and the agent alone.
+        python_stub = node.bin_dir / "flock.d" / "plugin"
+        floor = interpreter_floor(python_stub if launcher else node.plugin, 30)
         instant = plugin_vs_instant_agent(node, bench_pods[0], 30)
         rpc_floor = []
         status = {"command": "STATUS", "config": node.network_config()}
@@ -277,14 +294,31 @@ def run_flock(pods: int, churn: int, churn16: int, agent_args: list[str]) -> dic
             "churn_seq": seq_rate,
             "churn_16": conc_rate,
             "interpreter": floor,
-            "plugin_startup": version,
             "plugin_instant": instant,
+            "kernel": kernel_ms(node.agent_log)[-len(msgs) :],  # the ADDs sent directly
             "rpc_floor": rpc_floor,
             "agent_add": agent_add,
             "agent_del": agent_del,
         }
     finally:
         node.destroy()
+
+
+def kernel_ms(log_path: Path) -> list[float]:
+    """Per ADD, the agent's own "persist+kernel" time (s): veth, addresses, routes and
+    the store's durable write, side by side (agent/service.py logs it per ADD)."""
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"ADD"' not in line or '"persist+kernel"' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        phases = rec.get("ms") if isinstance(rec, dict) else None
+        if isinstance(phases, dict) and isinstance(phases.get("persist+kernel"), int | float):
+            out.append(phases["persist+kernel"] / 1000)
+    return out
 
 
 def interpreter_floor(plugin: Path | None, n: int) -> list[float]:
@@ -322,23 +356,23 @@ def plugin_vs_instant_agent(node: TestNode, pod: Pod, n: int) -> list[float]:
     """The plugin's ADD, exec to result, against a socket that answers a canned result at
     once: the plugin's own share (interpreter, imports, config, connect, output)."""
     sock_path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}fake-")) / "agent.sock"
-    reply = json.dumps(
+    reply = plugin.encode_reply(
+        0,
         {
-            "result": {
-                "cniVersion": "1.1.0",
-                "interfaces": [
-                    {"name": "flk0123456789a", "mac": "ee:00:00:00:00:01", "mtu": 1500},
-                    {"name": "eth0", "mac": "0a:00:00:00:00:01", "sandbox": pod.netns_path},
-                ],
-                "ips": [
-                    {"interface": 1, "address": "2001:db8::1/128", "gateway": "fe80::1"},
-                    {"interface": 1, "address": "10.0.0.1/32", "gateway": "169.254.1.1"},
-                ],
-                "routes": [{"dst": "::/0", "gw": "fe80::1"}, {"dst": "0.0.0.0/0"}],
-                "dns": {},
-            }
-        }
-    ).encode()
+            "cniVersion": "1.1.0",
+            "interfaces": [
+                {"name": "flk0123456789a", "mac": "ee:00:00:00:00:01", "mtu": 1500},
+                {"name": "eth0", "mac": "0a:00:00:00:00:01", "sandbox": pod.netns_path},
+            ],
+            "ips": [
+                {"interface": 1, "address": "2001:db8::1/128", "gateway": "fe80::1"},
+                {"interface": 1, "address": "10.0.0.1/32", "gateway": "169.254.1.1"},
+            ],
+            "routes": [{"dst": "::/0", "gw": "fe80::1"}, {"dst": "0.0.0.0/0"}],
+            "dns": {},
+        },
+        [],
+    )
     # Its own process, so that answering costs no GIL hand-over in this one.
     (sock_path.parent / "reply.json").write_bytes(reply)
     server = subprocess.Popen([sys.executable, "-I", "-S", "-c", INSTANT_AGENT, str(sock_path)])
@@ -450,86 +484,109 @@ def run_readiness(flips: int) -> dict[str, list[float]]:
 
 def summary(r: dict[str, Any]) -> dict[str, float]:
     add, dele = r["add"], r["del"]
+    k = min(100, max(1, len(add) // 5))
     return {
         "add_p50": pct(add, 50),
         "add_p99": pct(add, 99),
         "del_p50": pct(dele, 50),
         "del_p99": pct(dele, 99),
-        "first50": statistics.mean(add[:50]),
-        "last50": statistics.mean(add[-50:]),
+        "first": statistics.mean(add[:k]),
+        "last": statistics.mean(add[-k:]),
         "add_rate": len(add) / sum(add),
         "churn_seq": r["churn_seq"],
         "churn_16": r["churn_16"],
     }
 
 
+RATES = ("add_rate", "churn_seq", "churn_16")
+
+
 def main() -> int:
-    load = os.getloadavg()[0]
+    load = os.getloadavg()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pods", type=int, default=200)
-    ap.add_argument("--ref-pods", type=int, default=200)
+    ap.add_argument("--pods", type=int, default=500)
+    ap.add_argument("--ref-pods", type=int, default=500, help="bridge pods")
+    ap.add_argument("--ptp-pods", type=int, default=50, help="ptp pods (each waits for DAD)")
     ap.add_argument("--churn", type=int, default=200, help="flock ADD+DEL cycles (sequential)")
     ap.add_argument("--churn16", type=int, default=400, help="flock cycles, 16-way")
-    ap.add_argument("--ref-churn", type=int, default=10)
-    ap.add_argument("--ref-churn16", type=int, default=32)
+    ap.add_argument("--ref-churn", type=int, default=50)
+    ap.add_argument("--ref-churn16", type=int, default=160)
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--flips", type=int, default=50, help="readiness flips to time (0: skip)")
+    ap.add_argument("--no-python", action="store_true", help="skip flock's Python-only plugin")
+    ap.add_argument("--flips", type=int, default=0, help="readiness flips to time (0: skip)")
     ap.add_argument("--agent-arg", action="append", default=[], help="extra flock agent flag")
-    ap.add_argument("--reference-worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reference-worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.reference_worker:
-        print(json.dumps(reference_worker(a.ref_pods, a.ref_churn, a.ref_churn16)))
+        print(
+            json.dumps(reference_worker(a.reference_worker, a.ref_pods, a.ref_churn, a.ref_churn16))
+        )
         return 0
     if os.geteuid() != 0:
         print("bench_cni: needs root (network namespaces)", file=sys.stderr)
         return 1
-    print(f"flock: {a.pods} dual-stack pods ...", flush=True)
-    fl = run_flock(a.pods, a.churn, a.churn16, a.agent_arg)
-    ref = None
+    runs: dict[str, dict[str, Any]] = {}
+    print(f"flock, native launcher: {a.pods} dual-stack pods ...", flush=True)
+    runs["flock"] = run_flock(a.pods, a.churn, a.churn16, a.agent_arg, launcher=True)
+    if not a.no_python:
+        print(f"flock, Python plugin: {a.pods} dual-stack pods ...", flush=True)
+        runs["flock/py"] = run_flock(a.pods, a.churn, a.churn16, a.agent_arg, launcher=False)
     if not a.no_reference:
-        print(
-            f"ptp + host-local: {a.ref_pods} dual-stack pods (waits for IPv6 DAD) ...", flush=True
-        )
-        ref = run_reference(a.ref_pods, a.ref_churn, a.ref_churn16)
-    fs = summary(fl)
-    rs = summary(ref) if ref else None
+        print(f"bridge + host-local: {a.ref_pods} dual-stack pods ...", flush=True)
+        runs["bridge"] = run_reference("bridge", a.ref_pods, a.ref_churn, a.ref_churn16)
+        print(f"ptp + host-local: {a.ptp_pods} dual-stack pods (waits for DAD) ...", flush=True)
+        runs["ptp"] = run_reference("ptp", a.ptp_pods, max(2, a.ref_churn // 10), 32)
+    sums = {k: summary(v) for k, v in runs.items()}
     rows = [
-        ("ADD p50 (ms)", "add_p50", ms, "<= 10"),
-        ("ADD p99 (ms)", "add_p99", ms, "<= 20"),
-        ("DEL p50 (ms)", "del_p50", ms, "<= 25"),
+        ("ADD p50 (ms)", "add_p50", ms, "<= 4"),
+        ("ADD p99 (ms)", "add_p99", ms, "<= 10"),
+        ("DEL p50 (ms)", "del_p50", ms, "<= 4"),
         ("DEL p99 (ms)", "del_p99", ms, ""),
-        ("ADD mean, first 50 pods (ms)", "first50", ms, "flat"),
-        ("ADD mean, last 50 pods (ms)", "last50", ms, "flat"),
-        ("sequential ADD rate (/s)", "add_rate", lambda x: f"{x:.0f}", ">= 100"),
+        ("ADD mean, first 100 pods (ms)", "first", ms, "flat"),
+        ("ADD mean, last 100 pods (ms)", "last", ms, "flat"),
+        ("sequential ADD rate (/s)", "add_rate", lambda x: f"{x:.0f}", ">= 200"),
         ("churn ADD+DEL/s, sequential", "churn_seq", lambda x: f"{x:.1f}", ""),
         ("churn ADD+DEL/s, 16-way", "churn_16", lambda x: f"{x:.1f}", ""),
     ]
+    refs = [k for k in ("bridge", "ptp") if k in sums]
     print()
-    # "x better": how many times better flock is (ref/flock for times, flock/ref for rates).
-    hdr = f"{'figure':<32}{'flock':>10}{'ptp+host-local':>16}{'flock x better':>16}  target"
+    # "x better": how many times better flock (launcher) is than the reference.
+    hdr = f"{'figure':<31}" + "".join(f"{k:>10}" for k in sums)
+    hdr += "".join(f"{'vs ' + k:>11}" for k in refs) + "  target"
     print(hdr)
     print("-" * len(hdr))
     for label, key, fmt, target in rows:
-        f = fs[key]
-        r = rs[key] if rs else float("nan")
-        ratio = r / f if rs and f else float("nan")
-        if key in ("add_rate", "churn_seq", "churn_16") and rs:
-            ratio = f / r
-        print(f"{label:<32}{fmt(f):>10}{fmt(r) if rs else '-':>16}{ratio:>16.2f}  {target}")
+        f = sums["flock"][key]
+        line = f"{label:<31}" + "".join(f"{fmt(v[key]):>10}" for v in sums.values())
+        for k in refs:
+            r = sums[k][key]
+            ratio = (f / r if key in RATES else r / f) if f and r else float("nan")
+            line += f"{ratio:>10.2f}x"
+        print(line + f"  {target}")
     print()
+    counts = ", ".join(f"{k} {len(v['add'])}" for k, v in runs.items())
     print(
-        f"pods: flock {a.pods}, reference {a.ref_pods}; 1-min load average at start "
-        f"{load:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"pods: {counts}; load average (1/5/15 min) at start "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}, at end {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} CPUs; 'vs X': times better than X (flock with the launcher)"
     )
+    fl = runs["flock"]
     print("where flock's ADD time goes (p50):")
-    rows2 = (
-        ("interpreter alone (the plugin's #! line, -c pass)", fl["interpreter"]),
-        ("plugin exec + interpreter start-up (VERSION, no agent)", fl["plugin_startup"]),
-        ("plugin ADD against an agent that answers at once", fl["plugin_instant"]),
-        ("agent alone: RPC round trip of a no-op verb (STATUS)", fl["rpc_floor"]),
-        ("agent alone: ADD over the socket, fresh pod netns", fl["agent_add"]),
-        ("agent alone: DEL over the socket", fl["agent_del"]),
-    )
+    rows2 = [
+        ("launcher: exec + socket round trip, instant agent", fl["plugin_instant"]),
+    ]
+    if "flock/py" in runs:
+        py = runs["flock/py"]
+        rows2 += [
+            ("Python plugin: exec + round trip, instant agent", py["plugin_instant"]),
+            ("  of which the interpreter alone (-I -S -c pass)", py["interpreter"]),
+        ]
+    rows2 += [
+        ("agent: RPC round trip of a no-op verb (STATUS)", fl["rpc_floor"]),
+        ("agent: ADD over the socket, fresh pod netns", fl["agent_add"]),
+        ("  of which kernel work + durable write (agent's log)", fl["kernel"]),
+        ("agent: DEL over the socket", fl["agent_del"]),
+    ]
     for label, xs in rows2:
         print(f"  {label:<56}{ms(pct(xs, 50)):>7} ms")
     if a.flips:

@@ -51,8 +51,10 @@ def repo_venv_bin() -> Path:
     return Path(sys.executable).parent
 
 
-def install_plugin(bin_dir: Path, *, python: str = PYTHON) -> Path:
+def install_plugin(bin_dir: Path, *, python: str = PYTHON, launcher: Path | None = None) -> Path:
     """Put an executable `flock` plugin in `bin_dir`, the way the node installer does.
+
+    `launcher`: the native launcher as the entry (``install-cni --python --launcher``).
 
     Uses `flock install-cni --python` (the plugin module precompiled, run by the
     system interpreter in isolated mode without site, `-IS`), so tests and the lab
@@ -64,7 +66,9 @@ def install_plugin(bin_dir: Path, *, python: str = PYTHON) -> Path:
     except ImportError:
         pass
     else:
-        install(bin_dir=bin_dir, conf_dir=bin_dir.parent / "net.d", python=python)
+        install(
+            bin_dir=bin_dir, conf_dir=bin_dir.parent / "net.d", python=python, launcher=launcher
+        )
         return bin_dir / "flock"
     from flock.cni import plugin
 
@@ -229,8 +233,12 @@ class TestNode:
         gateway4: str | None = None,
         node_name: str | None = None,
         datastore_args: Sequence[str] | None = None,
+        launcher: bool | None = None,
     ) -> TestNode:
         """Create the node namespace, its uplink and directories.
+
+        `launcher`: the plugin's entry is the native launcher of this checkout
+        (default: only if FLOCK_TEST_LAUNCHER=1), else the Python plugin alone.
 
         With `uplink_peer` (a namespace name, e.g. the lab's router) the uplink is a
         veth into that namespace (its end named `uplink_peer_ifname`); without, the
@@ -266,7 +274,16 @@ class TestNode:
                 netns.run(
                     ["ip", fam, "route", "add", "default", *via, "dev", node.uplink], netns=name
                 )
-            node.plugin = install_plugin(node.bin_dir)
+            if launcher is None:
+                launcher = os.environ.get("FLOCK_TEST_LAUNCHER") == "1"
+            native = None
+            if launcher:
+                from flock.testbed.launcher import built_launcher
+
+                native = built_launcher()
+                if native is None:
+                    raise RuntimeError("the native launcher cannot be built here (no cc?)")
+            node.plugin = install_plugin(node.bin_dir, launcher=native)
         except BaseException:
             node.destroy()
             raise
