@@ -259,13 +259,16 @@ def test_gc_does_not_release_an_add_in_flight(tmp_path: Path) -> None:
 
     async def body(env: Env) -> None:
         svc, dp, _rec, _task = env
-        dp.setup_gate = Gate()
+        dp.setup_gate, dp.list_gate = Gate(), Gate()
         add = asyncio.create_task(svc.handle(req("ADD", "c1", "web")))
         await dp.setup_gate.wait_reached()
         gc = asyncio.create_task(svc.handle(gc_req()))
-        await asyncio.sleep(0)
+        # GC lists the kernel's veths after it chose what to release: by then it has
+        # decided about c1, while c1's ADD is still in the kernel.
+        await dp.list_gate.wait_reached()
         dp.setup_gate.open.set()
         res = await add
+        dp.list_gate.open.set()
         await gc
         assert [a.key.container_id for a in svc.ipam.all()] == ["c1"]
         assert res["interfaces"][0]["name"] in dp.links
