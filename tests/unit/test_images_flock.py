@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -77,6 +78,23 @@ def test_image_config_and_agent_environment(image_root: tuple[Path, dict[str, ob
     assert res.returncode == 0, res.stderr
     assert "/opt/flock/venv/lib/python3.11/site-packages/flock/__init__.py" in res.stdout
     assert "nftables" in res.stdout and "iproute2" in res.stdout and "BIRD version 2" in res.stdout
+    # Every module of the package imports in the image: a dependency missing from
+    # pyproject.toml (present in the dev venv only) fails here, not on a node.
+    walk = (
+        "import importlib, pkgutil, flock\n"
+        "mods = [m.name for m in pkgutil.walk_packages(flock.__path__, 'flock.')]\n"
+        "bad = []\n"
+        "for name in mods:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as e:\n"
+        "        bad.append(f'{name}: {e!r}')\n"
+        "print(len(mods), bad)\n"
+    )
+    res = in_image(root, f"python -c {shlex.quote(walk)}")
+    assert res.returncode == 0, res.stderr
+    count, bad = res.stdout.split(" ", 1)
+    assert int(count) > 40 and bad.strip() == "[]", res.stdout
 
 
 # The init container as the kubelet runs it with install.yaml's securityContext: root
