@@ -5,9 +5,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import stat
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -15,6 +18,7 @@ from hypothesis import strategies as st
 
 from flock.apply.store import (
     JOURNAL_NAME,
+    OLD_JOURNAL_SUFFIX,
     SCHEMA_VERSION,
     SNAPSHOT_NAME,
     AllocationStore,
@@ -41,7 +45,7 @@ def mk(i: int, **kw: object) -> Allocation:
     return Allocation(**fields)  # type: ignore[arg-type]
 
 
-def fresh(d: Path, **kw: int) -> AllocationStore:
+def fresh(d: Path, **kw: Any) -> AllocationStore:
     s = AllocationStore(d, **kw)
     s.load()
     return s
@@ -98,7 +102,8 @@ def test_save_replaces_state(tmp_path: Path) -> None:
 
 
 def test_compaction_when_journal_outgrows_snapshot(tmp_path: Path) -> None:
-    s = fresh(tmp_path, compact_every=5)
+    # When to compact (synchronously here, so that the files can be counted at each step).
+    s = fresh(tmp_path, compact_every=5, compact_in_background=False)
     for i in range(23):
         s.record_put(mk(i))
     # compacted at 5 records (floor), then at 5 more (snapshot had 5), then at 10 more
@@ -399,3 +404,78 @@ def test_stale_temp_snapshot_from_a_crash_is_ignored(tmp_path: Path) -> None:
     s.close()
     assert [a.pod for a in reload(tmp_path)] == ["pod-0", "pod-1", "pod-5"]
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+# ---- compaction off the request path -------------------------------------------------
+
+
+def test_a_change_is_durable_while_a_compaction_is_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ADD's store write never waits for a snapshot: a compaction held at a barrier
+    (not a timing) does not stop the next record from returning durable, and a crash
+    at that moment (the files copied as they are) loses nothing."""
+    started, release = threading.Event(), threading.Event()
+    write = AllocationStore._write_snapshot_file
+
+    def held(self: AllocationStore, parts: list[bytes], seq: int) -> None:
+        started.set()
+        assert release.wait(30), "the test never released the compaction"
+        write(self, parts, seq)
+
+    monkeypatch.setattr(AllocationStore, "_write_snapshot_file", held)
+    s = fresh(tmp_path, compact_every=4)
+    for i in range(4):
+        s.record_put(mk(i))  # the 4th record starts a compaction, which now waits
+    assert started.wait(10), "no compaction started"
+    try:
+        s.record_put(mk(4))  # returns: durable while the snapshot is not written
+        s.record_delete(mk(0).key)
+        assert not release.is_set()
+        assert not (tmp_path / SNAPSHOT_NAME).exists()
+        old = tmp_path / f"{JOURNAL_NAME}.4{OLD_JOURNAL_SUFFIX}"
+        assert old.read_bytes().count(b"\n") == 4
+        assert (tmp_path / JOURNAL_NAME).read_bytes().count(b"\n") == 2
+        # A crash now: the state directory as it is on disk.
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for p in tmp_path.iterdir():
+            if p.is_file() and not p.name.endswith(".lock"):
+                shutil.copy2(p, crashed / p.name)
+        assert [a.pod for a in reload(crashed)] == [f"pod-{i}" for i in range(1, 5)]
+    finally:
+        release.set()
+    s.wait_compacted()
+    doc = json.loads((tmp_path / SNAPSHOT_NAME).read_text())
+    assert doc["seq"] == 4 and len(doc["allocations"]) == 4
+    assert not old.exists()  # covered by the snapshot: removed
+    s.record_put(mk(5))
+    s.close()
+    assert [a.pod for a in reload(tmp_path)] == [f"pod-{i}" for i in range(1, 6)]
+
+
+def test_a_failed_background_compaction_keeps_the_old_journal_until_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = AllocationStore._write_snapshot_file
+    fail = [True]
+
+    def flaky(self: AllocationStore, parts: list[bytes], seq: int) -> None:
+        if fail[0]:
+            raise OSError(28, "No space left on device")
+        write(self, parts, seq)
+
+    monkeypatch.setattr(AllocationStore, "_write_snapshot_file", flaky)
+    s = fresh(tmp_path, compact_every=3)
+    for i in range(3):
+        s.record_put(mk(i))
+    s.wait_compacted()
+    assert (tmp_path / f"{JOURNAL_NAME}.3{OLD_JOURNAL_SUFFIX}").exists()
+    fail[0] = False
+    for i in range(3, 6):
+        s.record_put(mk(i))
+    s.wait_compacted()
+    assert not list(tmp_path.glob(f"*{OLD_JOURNAL_SUFFIX}"))
+    assert json.loads((tmp_path / SNAPSHOT_NAME).read_text())["seq"] == 6
+    s.close()
+    assert [a.pod for a in reload(tmp_path)] == [f"pod-{i}" for i in range(6)]

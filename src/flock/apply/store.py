@@ -22,6 +22,13 @@ every ADD; appending one record costs one small write and one fdatasync. When th
 journal grows past `compact_every` records the store writes a fresh snapshot and
 starts a new journal (see docs/ipam.md for the crash-safety argument).
 
+Compaction is off the request path: the store thread only renames the journal to
+`allocations.journal.<seq>.old` (records up to seq) and takes a list of the
+allocations' JSON lines; a background thread writes the snapshot (seq) and then
+removes the old journals it covers. Changes go on being appended to a fresh
+journal meanwhile. `load()` replays the old journals in seq order, then the
+journal, so a crash at any point of a compaction loses nothing.
+
 Recovery rule: only the final journal line may be torn (no trailing newline, or
 a bad checksum on the last line), because only the record being appended when
 the process died can be incomplete, and that record was never acknowledged;
@@ -34,8 +41,10 @@ import contextlib
 import fcntl
 import ipaddress
 import json
+import logging
 import os
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -48,8 +57,12 @@ from flock.model.allocation import Allocation, AttachmentKey, IPAddress
 SCHEMA_VERSION = 1
 SNAPSHOT_NAME = "allocations.json"
 JOURNAL_NAME = "allocations.journal"
+OLD_JOURNAL_SUFFIX = ".old"  # allocations.journal.<seq>.old, while a compaction runs
 LOCK_NAME = "allocations.lock"
 DEFAULT_STATE_DIR = Path("/var/lib/flock")
+
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(RuntimeError):
@@ -187,6 +200,7 @@ class AllocationStore:
         *,
         compact_every: int = 1024,
         lock_timeout: float = 10.0,
+        compact_in_background: bool = True,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / SNAPSHOT_NAME
@@ -205,6 +219,8 @@ class AllocationStore:
         self._journal_records = 0
         self._journal_fd: int | None = None
         self._loaded = False
+        self.compact_in_background = compact_in_background
+        self._compactor: threading.Thread | None = None
 
     # ---- start-up ------------------------------------------------------------
 
@@ -228,10 +244,12 @@ class AllocationStore:
             self._seq = self._snapshot_seq = 0
             if self.path.exists():
                 self._load_snapshot()
+            records = 0
+            for _, old in self._old_journals():
+                records += self._replay_journal(old)
             if self.journal_path.exists():
-                self._replay_journal()
-            else:
-                self._journal_records = 0
+                records += self._replay_journal(self.journal_path)
+            self._journal_records = records
         except BaseException:
             self.close()
             raise
@@ -314,10 +332,20 @@ class AllocationStore:
             for k, line in zip(self._state, lines[1:-2], strict=True):
                 self._encoded[k] = line.removesuffix(b",")
 
-    def _replay_journal(self) -> None:
-        where = str(self.journal_path)
+    def _old_journals(self) -> list[tuple[int, Path]]:
+        """Journals renamed aside by compactions, (seq they end at, path), oldest first."""
+        out = []
+        for p in self.state_dir.glob(f"{JOURNAL_NAME}.*{OLD_JOURNAL_SUFFIX}"):
+            mid = p.name[len(JOURNAL_NAME) + 1 : -len(OLD_JOURNAL_SUFFIX)]
+            if mid.isdigit():
+                out.append((int(mid), p))
+        return sorted(out)
+
+    def _replay_journal(self, path: Path) -> int:
+        """Apply one journal file's records past the snapshot; returns how many."""
+        where = str(path)
         try:
-            raw = self.journal_path.read_bytes()
+            raw = path.read_bytes()
         except OSError as e:
             raise StoreError(f"{where}: cannot read: {e}") from e
         lines = raw.split(b"\n")
@@ -352,11 +380,11 @@ class AllocationStore:
             records += 1
         if torn:
             # Cut the unacknowledged partial record so the next append starts cleanly.
-            with open(self.journal_path, "r+b") as f:
+            with open(path, "r+b") as f:
                 f.truncate(good_len)
                 f.flush()
                 os.fsync(f.fileno())
-        self._journal_records = records
+        return records
 
     @staticmethod
     def _parse_record(line: bytes) -> dict[str, Any]:
@@ -447,11 +475,62 @@ class AllocationStore:
         # Compact when the journal outgrows the last snapshot (and a floor): the
         # snapshot's O(n) cost is then paid once per n changes, O(1) amortised.
         if self._journal_records >= max(self.compact_every, self._snapshot_len):
-            self.compact()
+            if self.compact_in_background:
+                self._compact_soon()
+            else:
+                self.compact()
+
+    def _compact_soon(self) -> None:
+        """Start a compaction on a background thread; the caller (the store thread, and
+        the ADD waiting on it) pays only for a rename and a list of references."""
+        if self._compactor is not None and self._compactor.is_alive():
+            return  # one at a time; the journal goes on growing meanwhile
+        self.wait_compacted()
+        parts = self._encoded_parts()
+        seq = self._seq
+        self._close_journal()
+        # The next append creates a fresh journal and fsyncs the directory, which
+        # makes this rename durable before any record lands in the new file.
+        os.rename(self.journal_path, self._old_journal_path(seq))
+        self._journal_records = 0
+        self._snapshot_len = len(parts)
+        self._compactor = threading.Thread(
+            target=self._compact_worker, args=(parts, seq), name="store-compact", daemon=True
+        )
+        self._compactor.start()
+
+    def _old_journal_path(self, seq: int) -> Path:
+        return self.state_dir / f"{JOURNAL_NAME}.{seq}{OLD_JOURNAL_SUFFIX}"
+
+    def _compact_worker(self, parts: list[bytes], seq: int) -> None:
+        try:
+            self._write_snapshot_file(parts, seq)
+            self._snapshot_seq = seq
+            self._drop_old_journals(seq)
+        except Exception:
+            # The old journal stays (load() replays it); the next compaction covers it.
+            log.exception("allocation store: background compaction failed; will retry")
+
+    def _drop_old_journals(self, seq: int) -> None:
+        """Remove the old journals a durable snapshot at `seq` contains."""
+        dropped = False
+        for end, p in self._old_journals():
+            if end <= seq:
+                p.unlink(missing_ok=True)
+                dropped = True
+        if dropped:
+            fsync_dir(self.state_dir)
+
+    def wait_compacted(self) -> None:
+        """Wait for a background compaction in progress (if any) to finish."""
+        if self._compactor is not None:
+            self._compactor.join()
+            self._compactor = None
 
     def save(self, allocations: Iterable[Allocation]) -> None:
         """Replace the whole persisted state with `allocations` (a durable snapshot)."""
         self._require_loaded()
+        self.wait_compacted()
         state: dict[AttachmentKey, Allocation] = {}
         for a in allocations:
             if a.key in state:
@@ -462,13 +541,16 @@ class AllocationStore:
         self._write_snapshot(self._seq + 1)
         self._seq = self._snapshot_seq = self._seq + 1
         self._reset_journal()
+        self._drop_old_journals(self._seq)
 
     def compact(self) -> None:
         """Fold the journal into a fresh snapshot and start an empty journal."""
         self._require_loaded()
+        self.wait_compacted()
         self._write_snapshot(self._seq)
         self._snapshot_seq = self._seq
         self._reset_journal()
+        self._drop_old_journals(self._seq)
 
     def allocations(self) -> list[Allocation]:
         """What the store holds now (the last durable state)."""
@@ -476,6 +558,7 @@ class AllocationStore:
 
     def close(self) -> None:
         """Close the journal and release the directory lock; `load()` again to reuse."""
+        self.wait_compacted()
         self._close_journal()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -509,13 +592,23 @@ class AllocationStore:
         return self._journal_fd
 
     def _write_snapshot(self, seq: int) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        parts = self._encoded_parts()
+        self._write_snapshot_file(parts, seq)
+        self._snapshot_len = len(parts)
+
+    def _encoded_parts(self) -> list[bytes]:
+        """Every allocation's JSON line, in state order (encoded now if not kept)."""
         parts: list[bytes] = []
         for k, a in self._state.items():
             enc = self._encoded.get(k)
             if enc is None:
                 enc = self._encoded[k] = _encode(a)
             parts.append(enc)
+        return parts
+
+    def _write_snapshot_file(self, parts: list[bytes], seq: int) -> None:
+        """Write a snapshot of `parts` at `seq`: temp file, fsync, rename, fsync dir."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         body = b",\n".join(parts)
         data = b'{"schemaVersion":%d,"seq":%d,"crc32":"%08x","allocations":[\n%s\n]}\n' % (
             SCHEMA_VERSION,
@@ -536,7 +629,6 @@ class AllocationStore:
         os.close(fd)
         os.replace(tmp, self.path)
         fsync_dir(self.state_dir)
-        self._snapshot_len = len(parts)
 
     def _reset_journal(self) -> None:
         # Safe at any point: the snapshot is durable and carries `seq`, so records
