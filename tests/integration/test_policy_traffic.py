@@ -288,6 +288,18 @@ def test_no_policy_everyone_reaches_everyone(fresh: Cluster) -> None:
     check_truth_table(fresh, [80], lambda s, d, p, n: True)
 
 
+def test_probe_tells_a_drop_from_a_refusal(fresh: Cluster) -> None:
+    """Only a drop is a blocked cell: a port nobody listens on is refused (TCP reset,
+    ICMP port unreachable for UDP) and the probe says so, so a dead echo server fails
+    an expected-blocked cell instead of passing it (the probe once said False to both)."""
+    cli, web = fresh.by_name("beta/cli"), fresh.by_name("alpha/web")
+    closed = 7  # not in SERVED: nothing listens there
+    items = [(str(web.v6), "tcp", closed), (str(web.v4), "udp", closed)]
+    assert fresh.probe(cli, items) == ["ConnectionRefusedError"] * 2
+    fresh.apply([P("alpha", "deny", {"podSelector": {}})])
+    assert fresh.probe(cli, items) == ["timeout"] * 2
+
+
 def test_deny_all_ingress(fresh: Cluster) -> None:
     fresh.apply([P("alpha", "deny", {"podSelector": {}})])
     check_truth_table(fresh, [80], lambda s, d, p, n: d.namespace != "alpha")
