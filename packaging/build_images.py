@@ -174,11 +174,20 @@ def _cached_archive(
     image_id = build(out)
     seconds = time.monotonic() - t0
     meta.write_text(json.dumps({"image_id": image_id, "ref": ref, "seconds": seconds}) + "\n")
-    for old in cache.glob(f"{name}-*.tar"):  # earlier builds of this image
-        if old != out:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".json").unlink(missing_ok=True)
+    # Earlier builds of this image go, but the newest of them stays: a test that read
+    # index.json just before this build may be about to import it.
+    older = sorted((p for p in cache.glob(f"{name}-*.tar") if p != out), key=_mtime)
+    for old in older[:-1]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".json").unlink(missing_ok=True)
     return Built(name, ref, out, image_id, out.stat().st_size, seconds, False)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _static_binary(src: Path, out: Path) -> None:
@@ -283,6 +292,7 @@ def _base_key() -> Key:
     key = Key("debian-base").text("suite", SUITE).text("packages", ",".join(PACKAGES))
     key.text("mirrors", "|".join(MIRRORS)).text("dpkg", "|".join(DPKG_OPTS))
     key.text("excludes", "|".join(BASE_EXCLUDES + BASE_EXCLUDE_EXACT))
+    key.text("how", f"--mode=root --variant=essential --hook-dir={MERGED_USR_HOOK} compileall")
     return key.command("mmdebstrap", "--version").file(HERE / "image_archive.py")
 
 
@@ -343,7 +353,11 @@ def _app_sources(dst: Path) -> None:
 def _app_key(base_key: str) -> Key:
     key = Key("flock-app").text("base", base_key).file(REPO / "pyproject.toml")
     key.file(REPO / "README.md").tree(REPO / "src" / "flock", "src/flock")
-    key.file(HERE / "build_plugin_bundle.py").file(HERE / "launcher.c")
+    # Everything in packaging/ but the other images' sources: the bundle builder, the
+    # launcher, and this file (the install script that makes the venv).
+    for p in sorted(HERE.iterdir()):
+        if p.is_file() and p.name != "pause.c" and p.suffix != ".pyc":
+            key.file(p)
     key.command("/usr/bin/python3", "-VV").command("ldd", "--version").command("gcc", "--version")
     return key
 
