@@ -141,7 +141,18 @@ def build(out: Path, *, plugin: Path = PLUGIN, cc: str = "cc") -> dict[str, obje
         invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
     )
     subprocess.run(
-        [cc, "-static", "-Os", "-s", "-Wall", "-Wextra", "-o", str(out / "flock"), str(LAUNCHER_C)],
+        [
+            cc,
+            "-static",
+            "-Os",
+            "-s",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(out / "flock"),
+            str(LAUNCHER_C),
+        ],
         check=True,
     )
     info = {
@@ -199,6 +210,50 @@ def _self_test(out: Path, root: Path) -> None:
     reply = json.loads(res.stdout)
     if res.returncode != 0 or reply.get("cniVersion") != "1.0.0":
         raise SystemExit(f"build: launcher self-test failed: {res.stdout!r} {res.stderr!r}")
+    _self_test_forwarding(out)
+
+
+def _self_test_forwarding(out: Path) -> None:
+    """The launcher's native path: an ADD framed to a socket, the reply frame copied out."""
+    import socket
+    import threading
+
+    frame = b'FLOCK/1 0 15\n{"ok":"frame"}\nnote\n'
+    with tempfile.TemporaryDirectory(prefix="fp-bundle-fwd-") as tmp:
+        path = f"{tmp}/agent.sock"
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(1)
+        got: list[bytes] = []
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                while chunk := conn.recv(65536):
+                    got.append(chunk)
+                conn.sendall(frame)
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        stdin = json.dumps({"cniVersion": "1.1.0", "name": "n", "agentSocket": path}).encode()
+        res = subprocess.run(
+            [str(out / "flock")],
+            input=stdin,
+            capture_output=True,
+            env={"CNI_COMMAND": "ADD", "CNI_IFNAME": "eth0"},
+            timeout=30,
+            check=False,
+        )
+        t.join(10)
+        srv.close()
+    sent = b"FLOCK/1\nCNI_COMMAND=ADD\0CNI_IFNAME=eth0\0\0" + stdin
+    if (res.returncode, res.stdout, res.stderr, b"".join(got)) != (
+        0,
+        b'{"ok":"frame"}\n',
+        b"note\n",
+        sent,
+    ):
+        raise SystemExit(f"build: launcher forwarding self-test failed: {res!r} {got!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
