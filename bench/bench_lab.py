@@ -56,7 +56,7 @@ def main() -> None:
         topo = default_topology().model_copy(update={"name": name})
         try:
             t0 = time.monotonic()
-            build.up(topo)
+            build.up(topo, standalone=True)
             phases["up"].append(time.monotonic() - t0)
             t0 = time.monotonic()
             results = checks.run_checks(name)

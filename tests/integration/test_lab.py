@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from flock.lab import build, checks, cli, core, inspect, pods, routes, state
+from flock.lab.datastore import Kubectl
 from flock.lab.topology import Topology, parse
 from flock.testbed import netns
 from flock.testbed.wait import wait_until
@@ -101,7 +102,7 @@ def _wait_next_hops(name: str, prefix: str, want: set[str]) -> None:
 def lab() -> Iterator[str]:
     name = _name()
     try:
-        build.up(_topology(name))
+        build.up(_topology(name), standalone=True)
         yield name
     finally:
         build.down(name)
@@ -109,7 +110,7 @@ def lab() -> Iterator[str]:
 
 def test_up_twice_is_a_clear_error(lab: str) -> None:
     with pytest.raises(core.LabError, match="already up"):
-        build.up(_topology(lab))
+        build.up(_topology(lab), standalone=True)
     assert cli.main(["up", "--name", lab]) == 1
 
 
@@ -203,7 +204,7 @@ def test_down_removes_everything() -> None:
     name = _name()
     pids: list[tuple[int, int]] = []
     try:
-        build.up(_topology(name))
+        build.up(_topology(name), standalone=True)
         lab = core.Lab.open(name)
         pids = [(int(r.ident), r.start_time) for r in lab.state.processes()]
         assert pids and all(state.alive(p, s) for p, s in pids)
@@ -219,7 +220,7 @@ def test_down_after_a_crash() -> None:
     recorded: list[tuple[int, int]] = []
     survivors: list[tuple[int, int]] = []
     try:
-        build.up(_topology(name))
+        build.up(_topology(name), standalone=True)
         lab = core.Lab.open(name)
         recorded = [(int(r.ident), r.start_time) for r in lab.state.processes()]
         # The crash: the first process of each kind dies, and the state file is lost.
@@ -228,7 +229,7 @@ def test_down_after_a_crash() -> None:
         survivors = state.pids_in_netns(state.lab_netns(name))
         assert survivors
         with pytest.raises(core.LabError, match="already up"):
-            build.up(_topology(name))
+            build.up(_topology(name), standalone=True)
     finally:
         build.down(name)
     _nothing_left(name, recorded + survivors)
@@ -268,21 +269,33 @@ def test_down_after_up_was_killed_half_way() -> None:
     _nothing_left(name, recorded + survivors)
 
 
-def test_default_topology_through_the_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    """What the README runs: `flock lab up` (built-in topology), `test`, `down`."""
+def test_default_topology_through_the_cli(capfd: pytest.CaptureFixture[str]) -> None:
+    """What the README runs: `flock lab up` (built-in topology, on a real API server), `test`,
+    `kubectl`, `down`."""
     name = _name()
     pids: list[tuple[int, int]] = []
     try:
         assert cli.main(["up", "--name", name]) == 0
-        out = capsys.readouterr().out
+        out = capfd.readouterr().out
         assert f"lab '{name}' is up" in out and "flock lab status" in out
         rc = cli.main(["test", "--name", name])
-        out = capsys.readouterr().out
+        out = capfd.readouterr().out
         assert rc == 0, out
         assert "18/18 checks passed" in out
         pids = [(int(r.ident), r.start_time) for r in core.Lab.open(name).state.processes()]
-        # 2 FRR daemons, and BIRD + agent on each of the three nodes.
-        assert len(pids) == 8
+        # etcd and kube-apiserver, 2 FRR daemons, and BIRD + agent on each of the three nodes.
+        assert len(pids) == 10
+        # kubectl shows flock's work: NodeConfig status (sessions up/total) and pod IPs.
+        kubectl = Kubectl.load(core.Lab.open(name).state.dir)
+        wait_until(
+            lambda: kubectl("get", "nodeconfigs").split(),
+            until=lambda t: t.count("2/2") == 3 and t.count("True") == 3,
+            timeout=WAIT,
+            what="three NodeConfigs with 2/2 sessions and Ready True",
+        )
+        assert cli.main(["kubectl", "--name", name, "get", "pods", "-o", "wide"]) == 0
+        table = capfd.readouterr().out
+        assert "dns-1" in table and "fd00:f10c:1:" in table, table
     finally:
         assert cli.main(["down", "--name", name]) == 0
     _nothing_left(name, pids)
@@ -295,7 +308,7 @@ def test_ipv6_only_lab_with_a_replica_not_ready_at_start() -> None:
     topo = core.load_topology(example, name=name)
     pids: list[tuple[int, int]] = []
     try:
-        build.up(topo)
+        build.up(topo, standalone=True)
         pids = [(int(r.ident), r.start_time) for r in core.Lab.open(name).state.processes()]
         assert _next_hops(name, "fd00:f10c:ff::1/128") == {"a"}
         results = checks.run_checks(name)

@@ -57,7 +57,7 @@ def _preflight() -> None:
         )
 
 
-def up(topo: Topology, *, progress: Progress = _quiet, standalone: bool = True) -> str:
+def up(topo: Topology, *, progress: Progress = _quiet, standalone: bool = False) -> str:
     """Build the lab; on any failure, tear down what was built and re-raise.
 
     By default the cluster objects live in a real kube-apiserver (`flock.lab.control`);

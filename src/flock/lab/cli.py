@@ -57,14 +57,14 @@ def _parser() -> argparse.ArgumentParser:
         "--standalone",
         dest="standalone",
         action="store_true",
-        default=True,
+        default=False,
         help="no API server: the agents read a manifests directory (no Go tools needed)",
     )
     mode.add_argument(
         "--kube",
         dest="standalone",
         action="store_false",
-        help="cluster objects in a real etcd + kube-apiserver (scripts/build-tools builds them)",
+        help="cluster objects in a real etcd + kube-apiserver (the default)",
     )
 
     verb("down", "destroy a lab: namespaces, processes, files (also after a crash)")

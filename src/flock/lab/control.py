@@ -7,7 +7,8 @@ node namespace is connected to it by a veth of its own carrying an IPv6 ULA
 exactly as it would over a management network, without touching the BGP LAN.
 
 Agents authenticate as the ServiceAccount the Helm chart creates
-(`kube-system/flock`) and are authorized by the chart's own RBAC objects (taken
+(`kube-system/flock-agent`, read from `deploy/install.yaml`) and are authorized
+by the chart's own RBAC objects (taken
 from `deploy/install.yaml`): the lab proves the least-privilege role is
 enough for everything it does. The lab itself (the "control plane and
 kubelet": pod objects, readiness) uses the admin identity through the built
@@ -32,7 +33,6 @@ from flock.testbed.tools import ToolMissing, tool_path
 REPO = Path(__file__).resolve().parents[3]
 CRD = REPO / "deploy" / "crds" / "nodeconfig.yaml"
 INSTALL = REPO / "deploy" / "install.yaml"
-AGENT_SA = ("kube-system", "flock")
 RBAC_KINDS = {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ServiceAccount"}
 
 
@@ -67,6 +67,15 @@ def rbac_objects(install: Mapping[str, Any] | None = None) -> Iterator[dict[str,
             yield doc
 
 
+def agent_service_account() -> tuple[str, str]:
+    """(namespace, name) of the agents' ServiceAccount in `deploy/install.yaml`."""
+    for doc in rbac_objects():
+        if doc["kind"] == "ServiceAccount":
+            meta = doc["metadata"]
+            return str(meta.get("namespace", "default")), str(meta["name"])
+    raise LabError(f"{INSTALL} has no ServiceAccount for the agents")
+
+
 def preflight() -> None:
     """The built binaries and the manifests the control plane needs, or a LabError saying how."""
     try:
@@ -82,7 +91,7 @@ def preflight() -> None:
 def start(lab: Lab, progress: Progress) -> None:
     """Start etcd + kube-apiserver, connect every node, install the CRD and the agents' RBAC."""
     nodes = [n.name for n in lab.topo.nodes]
-    sa = service_account_user(*AGENT_SA)
+    sa = service_account_user(*agent_service_account())
     sans = [link_addresses(i)[0].split("/")[0] for i in range(len(nodes))]
     audit_dir = lab.state.dir / "api-audit"
     audit_dir.mkdir(parents=True, exist_ok=True)

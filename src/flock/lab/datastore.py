@@ -64,6 +64,22 @@ def pod_status(*, ready: bool, ips: Sequence[str] = ()) -> dict[str, Any]:
     return status
 
 
+def container_statuses(pod: PodSpec, *, ready: bool) -> list[dict[str, Any]]:
+    """The one container's status, so `kubectl get pods` shows READY 1/1 or 0/1."""
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return [
+        {
+            "name": "main",
+            "image": f"lab/{pod.name}:latest",
+            "imageID": "",
+            "ready": ready,
+            "started": True,
+            "restartCount": 0,
+            "state": {"running": {"startedAt": now}},
+        }
+    ]
+
+
 def pod_object(
     pod: PodSpec, *, uid: str | None, ready: bool, ips: Sequence[str] = ()
 ) -> dict[str, Any]:
@@ -211,7 +227,9 @@ class KubeDatastore:
 
     def set_status(self, pod: PodSpec, *, uid: str, ready: bool, ips: Sequence[str] = ()) -> None:
         # The uid precondition makes a patch for an older incarnation of the pod fail.
-        patch = {"metadata": {"uid": uid}, "status": pod_status(ready=ready, ips=ips)}
+        status = pod_status(ready=ready, ips=ips)
+        status["containerStatuses"] = container_statuses(pod, ready=ready)
+        patch = {"metadata": {"uid": uid}, "status": status}
         self.kubectl("patch", "pod", pod.name, "-n", pod.namespace, "--subresource=status",
                      "--type=merge", "-p", json.dumps(patch))  # fmt: skip
 
