@@ -70,6 +70,12 @@ def _pod_host_routes(node: KubeNode) -> set[str]:
     return out
 
 
+def _status(node: KubeNode) -> tuple[dict[str, int], int]:
+    """What the agent reports in its NodeConfig's status: allocations per family, pods."""
+    st = node.get_json("nodeconfig", node.name).get("status") or {}
+    return dict(st.get("allocations") or {}), int(st.get("pods") or 0)
+
+
 def _router_http(node: KubeNode, ip: str, port: int = 8080) -> str:
     host = f"[{ip}]" if ":" in ip else ip
     script = (
@@ -217,12 +223,19 @@ def test_anycast_deployment_route_follows_readiness_and_scale(flock_node: KubeNo
 def test_deleting_a_deployment_releases_every_address(flock_node: KubeNode) -> None:
     name = _name("rel")
     before = _pod_host_routes(flock_node)
+    status_before = _status(flock_node)
     flock_node.apply([deployment(name, replicas=3)])
     try:
         items = wait_ready(flock_node, f"app={name}", 3)
         ips = {ip for p in items for ip in pod_ips(p)}
         assert len(ips) == 6, ips
         assert ips <= _pod_host_routes(flock_node)
+        wait_until(
+            lambda: _status(flock_node),
+            until=lambda st: st[1] == status_before[1] + 3,
+            timeout=60,
+            what="the NodeConfig status counting the three pods",
+        )
     finally:
         _delete(flock_node, f"deployment/{name}")
     wait_gone(flock_node, f"app={name}")
@@ -234,6 +247,13 @@ def test_deleting_a_deployment_releases_every_address(flock_node: KubeNode) -> N
         what="no host route left to the deleted pods' addresses",
     )
     assert _pod_host_routes(flock_node) <= before
+    # The agent's own account, through the API: allocations back where they were.
+    wait_until(
+        lambda: _status(flock_node),
+        until=lambda st: st == status_before,
+        timeout=60,
+        what=f"NodeConfig status back to {status_before}",
+    )
     # The addresses are free again: a new pod may get any of them, and no
     # allocation of the old pods blocks a full re-creation.
     flock_node.apply([deployment(name, replicas=3)])
@@ -462,6 +482,7 @@ def _ctr_path() -> Any:
 
 def test_node_reboot_gives_every_pod_its_network_back_without_leaks(flock_node: KubeNode) -> None:
     name = _name("boot")
+    (allocs_before, pods_before) = _status(flock_node)
     flock_node.apply([deployment(name, replicas=3)])
     try:
         wait_ready(flock_node, f"app={name}", 3)
@@ -502,6 +523,15 @@ def test_node_reboot_gives_every_pod_its_network_back_without_leaks(flock_node: 
             until=lambda extra: not extra,
             timeout=120,
             what="no host route left but the live pods' addresses",
+        )
+        # Host routes go with the veths anyway; the allocations are flock's own: the
+        # sandboxes that died with the reboot must not keep theirs.
+        want = {fam: allocs_before.get(fam, 0) + 3 for fam in ("ipv4", "ipv6")}
+        wait_until(
+            lambda: _status(flock_node),
+            until=lambda st: st == (want, pods_before + 3),
+            timeout=120,
+            what=f"NodeConfig status {want}, {pods_before + 3} pods after the reboot",
         )
     finally:
         _delete(flock_node, f"deployment/{name}")
