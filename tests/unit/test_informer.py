@@ -214,8 +214,10 @@ def test_gone_relists_and_delivers_only_the_difference(how: str) -> None:
             api.create("ns", "c", "again")  # same name, new uid
             api.compact()
             h.mirror.log.clear()
+            d_before = h.informer.get("ns", "d")
             await h.converged()
             assert api.counters.lists == 2
+            assert h.informer.get("ns", "d") is d_before, "unchanged: the cached item is kept"
             got = sorted((c.type, c.key[1]) for c in h.mirror.log)
             assert got == sorted(
                 [
@@ -238,8 +240,8 @@ def test_expired_continue_token_restarts_the_list() -> None:
         h = Harness(api, page_size=3)
         real_list = api.list
 
-        async def compacting_list(*, limit: int, continue_: str) -> Any:
-            out = await real_list(limit=limit, continue_=continue_)
+        async def compacting_list(*, limit: int, continue_: str, **kw: Any) -> Any:
+            out = await real_list(limit=limit, continue_=continue_, **kw)
             if api.counters.list_pages == 1:
                 api.create("ns", "late", "1")
                 api.compact()  # the token of page 1 is now too old

@@ -168,3 +168,18 @@ def test_status_keeps_transition_time_until_the_condition_flips() -> None:
         != (first["conditions"][1]["lastTransitionTime"])
     )
     assert flipped["bgp"]["sessions"] == "0/1"
+
+
+def test_relist_reuses_cached_items_at_the_same_resource_version() -> None:
+    a = {"metadata": {"name": "a", "namespace": "n", "uid": "1", "resourceVersion": "5"}}
+    b = {"metadata": {"name": "b", "namespace": "n", "uid": "2", "resourceVersion": "6"}}
+    codec = pod_codec("me")
+    first, _, _ = codec.decode_list(_list(a, b))
+    cached = {i.key: i for i in first}
+    b2 = {"metadata": {**b["metadata"], "resourceVersion": "7"}}
+    again, _, _ = codec.decode_list(_list(a, b2), cached)
+    assert again[0] is first[0], "same resourceVersion: the cached item, not a new one"
+    assert again[1] is not first[1] and again[1].resource_version == "7"
+    a_new_uid = {"metadata": {**a["metadata"], "uid": "9"}}
+    third, _, _ = codec.decode_list(_list(a_new_uid), cached)
+    assert third[0] is not first[0] and third[0].uid == "9"

@@ -144,13 +144,19 @@ class HttpSource(Generic[V]):
         sel = ",".join(f"{k}={v}" for k, v in self._selectors.items())
         return f"{self.path}{'?' + sel if sel else ''}"
 
-    async def list(self, *, limit: int, continue_: str) -> tuple[list[Item[V]], str, str]:
+    async def list(
+        self,
+        *,
+        limit: int,
+        continue_: str,
+        cached: Mapping[tuple[str, str], Item[V]] | None = None,
+    ) -> tuple[list[Item[V]], str, str]:
         params = dict(self._selectors)
         params["limit"] = str(limit)
         if continue_:
             params["continue"] = continue_
         body = await self.client.request("GET", self.path, params=params)
-        return self.codec.decode_list(body)
+        return self.codec.decode_list(body, cached)
 
     async def watch(self, *, resource_version: str, timeout: int) -> AsyncIterator[WatchEvent[V]]:
         params = dict(self._selectors)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -129,7 +129,13 @@ class FakeCollection(Generic[V]):
 
     # -- Source -----------------------------------------------------------------
 
-    async def list(self, *, limit: int, continue_: str) -> tuple[list[Item[V]], str, str]:
+    async def list(
+        self,
+        *,
+        limit: int,
+        continue_: str,
+        cached: Mapping[Key, Item[V]] | None = None,
+    ) -> tuple[list[Item[V]], str, str]:
         self._maybe_fail()
         self.counters.list_pages += 1
         if continue_:

@@ -57,8 +57,18 @@ ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 class Source(Protocol[V]):
     """A collection to list and watch (HTTP in production, a fake in unit tests)."""
 
-    async def list(self, *, limit: int, continue_: str) -> tuple[list[Item[V]], str, str]:
-        """One page: (items, resourceVersion of the list, continue token or "")."""
+    async def list(
+        self,
+        *,
+        limit: int,
+        continue_: str,
+        cached: Mapping[Key, Item[V]] | None = None,
+    ) -> tuple[list[Item[V]], str, str]:
+        """One page: (items, resourceVersion of the list, continue token or "").
+
+        An object `cached` holds at the same resourceVersion may be returned as
+        that cached item (saves converting it again).
+        """
         ...
 
     def watch(self, *, resource_version: str, timeout: int) -> AsyncIterator[WatchEvent[V]]:
@@ -215,7 +225,9 @@ class Informer(Generic[V]):
         restarts = 0
         while True:
             try:
-                items, page_rv, cont = await self.source.list(limit=self.page_size, continue_=cont)
+                items, page_rv, cont = await self.source.list(
+                    limit=self.page_size, continue_=cont, cached=self._items
+                )
             except Gone:
                 if not cont or restarts >= 2:
                     raise
