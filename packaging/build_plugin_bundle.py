@@ -218,7 +218,7 @@ def _self_test_forwarding(out: Path) -> None:
     import socket
     import threading
 
-    frame = b'FLOCK/1 0 15\n{"ok":"frame"}\nnote\n'
+    frame = b'FLOCK/1 0 15 5\n{"ok":"frame"}\nnote\n'
     with tempfile.TemporaryDirectory(prefix="fp-bundle-fwd-") as tmp:
         path = f"{tmp}/agent.sock"
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -108,6 +108,34 @@ static int python(size_t len, int more) {
     return fail("cannot start the bundled interpreter", loader, errno);
 }
 
+/* Parse "FLOCK/1 <0|1> <digits> <digits>\n" at the start of reply[0..got): 1 whole (the
+ * header's length and the two sizes set), 0 not all there yet, -1 malformed. */
+static int parse_header(size_t got, size_t *hdr, size_t *outlen, size_t *errlen) {
+    size_t i = 0, *sizes[2] = {outlen, errlen};
+    for (; i < 8; i++) {
+        if (i >= got) return 0;
+        if (reply[i] != "FLOCK/1 "[i]) return -1;
+    }
+    if (i >= got) return 0;
+    if (reply[i] != '0' && reply[i] != '1') return -1;
+    i++;
+    for (int k = 0; k < 2; k++) {
+        if (i >= got) return 0;
+        if (reply[i++] != ' ') return -1;
+        size_t start = i;
+        *sizes[k] = 0;
+        while (i < got && reply[i] >= '0' && reply[i] <= '9') {
+            if (i - start >= 7) return -1;
+            *sizes[k] = *sizes[k] * 10 + (size_t)(reply[i++] - '0');
+        }
+        if (i >= got) return 0;
+        if (i == start) return -1;
+    }
+    if (reply[i] != '\n') return -1;
+    *hdr = i + 1;
+    return 1;
+}
+
 static size_t skip_ws(const char *b, size_t i, size_t n) {
     while (i < n && (b[i] == ' ' || b[i] == '\t' || b[i] == '\n' || b[i] == '\r')) i++;
     return i;
@@ -208,28 +236,22 @@ int main(void) {
         close(s);
         return python(len, 0);
     }
-    size_t got = 0;
-    for (;;) {
+    /* The reply frame: "FLOCK/1 <status> <stdout bytes> <stderr bytes>\n", stdout,
+     * stderr. Read until it is whole (not until EOF: the agent's close is not awaited). */
+    size_t got = 0, hdr = 0, outlen = 0, errlen = 0;
+    int header = 0; /* 0: not yet whole, 1: parsed, -1: malformed */
+    while (header == 0 || got < hdr + outlen + errlen) {
         ssize_t r = read(s, reply + got, sizeof reply - got);
         if (r < 0 && errno == EINTR) continue;
-        if (r < 0 || (r > 0 && got + (size_t)r == sizeof reply)) {
-            close(s);
-            return python(len, 0); /* timed out, reset, or a reply too big for us */
-        }
-        if (r == 0) break;
+        if (r <= 0 || got + (size_t)r == sizeof reply) break; /* EOF, timeout, too big */
         got += (size_t)r;
+        if (header == 0) header = parse_header(got, &hdr, &outlen, &errlen);
+        if (header < 0) break;
     }
     close(s);
-
-    /* The reply frame: "FLOCK/1 <status> <stdout bytes>\n", stdout, then stderr to EOF. */
-    size_t hdr = 10, outlen = 0;
-    while (hdr < got && hdr < 20 && reply[hdr] >= '0' && reply[hdr] <= '9')
-        outlen = outlen * 10 + (size_t)(reply[hdr++] - '0');
-    if (got < 12 || memcmp(reply, "FLOCK/1 ", 8) || (reply[8] != '0' && reply[8] != '1') ||
-        reply[9] != ' ' || hdr == 10 || hdr >= got || reply[hdr] != '\n' || outlen > got - ++hdr)
-        return python(len, 0); /* not a whole frame: the agent closed mid-reply */
-    int status = reply[8] - '0';
+    if (header <= 0 || got != hdr + outlen + errlen)
+        return python(len, 0); /* not one whole frame: the agent closed mid-reply */
     int bad = write_all(1, reply + hdr, outlen);
-    write_all(2, reply + hdr + outlen, got - hdr - outlen);
-    return bad ? 1 : status;
+    write_all(2, reply + hdr + outlen, errlen);
+    return bad ? 1 : reply[8] - '0';
 }

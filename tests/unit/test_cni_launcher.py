@@ -353,9 +353,11 @@ def test_no_agent_is_try_again_and_del_is_deferred(installed: dict[str, Path], t
     "reply",
     [
         None,  # hangs up without a word
-        b'FLOCK/1 0 50\n{"cniVersion"',  # closes mid-reply
+        b'FLOCK/1 0 50 0\n{"cniVersion"',  # closes mid-reply
+        b'FLOCK/1 0 50\n{"cniVersion"',  # a header without the stderr size
         b"FLOCK/1 0",  # mid-header
-        b"FLOCK/1 7 0\n",  # not an exit status
+        b"FLOCK/1 7 0 0\n",  # not an exit status
+        b"FLOCK/1 0 0 0\nmore",  # more than the frame says
         b"garbage",
     ],
 )

@@ -222,7 +222,9 @@ async def serve(
         command, outcome = "?", "aborted"
         try:
             try:
-                raw = await asyncio.wait_for(_read_request(reader, max_request), read_timeout)
+                # asyncio.timeout, not wait_for: no extra task (and loop pass) per request.
+                async with asyncio.timeout(read_timeout):
+                    raw = await _read_request(reader, max_request)
             except TimeoutError:
                 reply = error_reply(ERR_IO, f"RPC request not received within {read_timeout:g}s")
                 outcome = "timeout"

@@ -56,7 +56,8 @@ MAX_REPLY = 16 << 20
 # the native launcher (packaging/launcher.c): the request is FRAME_MAGIC, every CNI_*
 # variable as NAME=VALUE\0 (environ order, first of a name wins), an empty entry (\0),
 # then stdin exactly as the runtime wrote it; the plugin then half-closes. The reply is
-# b"FLOCK/1 <exit status> <stdout length>\n", the stdout bytes, then stderr until EOF.
+# b"FLOCK/1 <exit status> <stdout length> <stderr length>\n", stdout, stderr: whole once
+# that many bytes are in (the client does not wait for the agent's close).
 FRAME_MAGIC = b"FLOCK/1\n"
 REPLY_MAGIC = b"FLOCK/1 "
 
@@ -459,7 +460,7 @@ def encode_reply(status: int, out: JsonObject | None, notes: list[str]) -> bytes
     """The reply frame: what the plugin would print and its exit status."""
     body = (json_dumps(out) + "\n").encode() if out is not None else b""
     err = ("\n".join(notes) + "\n").encode("utf-8", "replace") if notes else b""
-    return b"%s%d %d\n%s%s" % (REPLY_MAGIC, status, len(body), body, err)
+    return b"%s%d %d %d\n%s%s" % (REPLY_MAGIC, status, len(body), len(err), body, err)
 
 
 def call_agent(
@@ -499,8 +500,8 @@ def call_agent(
     try:
         sock.sendall(request)
         sock.shutdown(_socket.SHUT_WR)
-        size = 0
-        while True:
+        size, whole = 0, -1
+        while size != whole:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             chunk = sock.recv(65536)
             if not chunk:
@@ -509,6 +510,8 @@ def call_agent(
             if size > MAX_REPLY:
                 raise Failure(ERR_IO, f"the flock agent's reply exceeds {MAX_REPLY} bytes")
             chunks.append(chunk)
+            if whole < 0:
+                whole = _frame_size(chunks[0] if len(chunks) == 1 else b"".join(chunks))
     except TimeoutError:
         raise AgentUnreachable(f"{path}: no answer within {timeout:g}s") from None
     except OSError as e:
@@ -542,21 +545,36 @@ def call_agent(
     )
 
 
+def _frame_size(head: bytes) -> int:
+    """The whole reply frame's length once its header is in, else -1."""
+    line, nl, _ = head.partition(b"\n")
+    fields = line[len(REPLY_MAGIC) :].split(b" ")
+    if not nl or not line.startswith(REPLY_MAGIC) or len(fields) != 3:
+        return -1
+    if not all(f.isdigit() and len(f) < 10 for f in fields[1:]):
+        return -1
+    return len(line) + 1 + int(fields[1]) + int(fields[2])
+
+
 def _reply_frame(path: str, raw: bytes) -> tuple[int, bytes, bytes]:
     head, nl, rest = raw.partition(b"\n")
     fields = head[len(REPLY_MAGIC) :].split(b" ")
-    if not nl or len(fields) != 2 or not all(f.isdigit() and len(f) < 10 for f in fields):
-        if not nl and len(head) < 24:  # the header itself was cut short
+    if not nl or len(fields) != 3 or not all(f.isdigit() and len(f) < 10 for f in fields):
+        if not nl and len(head) < 40:  # the header itself was cut short
             raise AgentUnreachable(f"{path}: the agent closed the connection mid-reply")
         raise Failure(
             ERR_INTERNAL, "the flock agent sent a reply frame of the wrong shape", f"{raw[:200]!r}"
         )
-    status, size = int(fields[0]), int(fields[1])
+    status, out_size, err_size = (int(f) for f in fields)
     if status not in (0, 1):
         raise Failure(ERR_INTERNAL, f"the flock agent sent exit status {status}", f"{raw[:200]!r}")
-    if size > len(rest):
+    if out_size + err_size > len(rest):
         raise AgentUnreachable(f"{path}: the agent closed the connection mid-reply")
-    return status, rest[:size], rest[size:]
+    if out_size + err_size < len(rest):
+        raise Failure(
+            ERR_INTERNAL, "the flock agent sent more than its reply frame", f"{raw[:200]!r}"
+        )
+    return status, rest[:out_size], rest[out_size:]
 
 
 def defer_del(state_dir: str, request: JsonObject) -> str:
