@@ -231,7 +231,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 
 def valid_name(name: str) -> bool:
     """Container IDs and network names: ``[a-zA-Z0-9][a-zA-Z0-9_.-]*``."""
-    return bool(name) and name[0] in _NAME_FIRST and all(c in _NAME_REST for c in name[1:])
+    # issuperset: one C loop (a generator over a 64-character container ID costs ~20 us).
+    return bool(name) and name[0] in _NAME_FIRST and _NAME_REST.issuperset(name[1:])
 
 
 def ifname_problem(name: str) -> str:
