@@ -201,3 +201,22 @@ def test_agent_follows_the_api_server(cluster: Cluster) -> None:
     wait_until(lambda: not c.bird_has(ANY6), timeout=WAIT, what="its anycast withdrawn")
     log = c.node.agent_log.read_text()
     assert "released a leaked allocation" in log
+
+
+def test_rejected_add_is_one_event_on_the_pod(cluster: Cluster) -> None:
+    c = cluster
+    bad = c.create_pod("bad", {"flock.fritzlab.net/anycast": "2001:db8:bad::1"})
+    for _ in range(3):  # the kubelet retries
+        res = c.node.cni_add(bad)
+        assert not res.ok
+
+    def events() -> list[dict[str, Any]]:
+        out = ok(c.api, "GET", f"/apis/events.k8s.io/v1/namespaces/{c.ns}/events")
+        items: list[dict[str, Any]] = out["items"]
+        return items
+
+    (ev,) = wait_until(events, until=lambda e: len(e) >= 1, timeout=WAIT, what="the Event")
+    assert ev["reason"] == "FlockAddRejected" and ev["type"] == "Warning"
+    assert "anycast" in ev["note"] and "2001:db8:bad::1" in ev["note"], ev["note"]
+    assert ev["regarding"]["name"] == "bad" and ev["regarding"]["uid"] == bad.uid
+    assert len(events()) == 1, "retries fold into the Event's series"
