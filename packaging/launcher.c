@@ -187,6 +187,7 @@ int main(void) {
     if (!cmd || (strcmp(cmd, "ADD") && strcmp(cmd, "DEL") && strcmp(cmd, "CHECK") &&
                  strcmp(cmd, "GC") && strcmp(cmd, "STATUS")))
         return python(0, 0); /* VERSION, or an error the plugin explains */
+    if (isatty(0)) return python(0, 0); /* a person at a terminal: the plugin reads no stdin */
 
     size_t len = 0;
     for (;;) {
