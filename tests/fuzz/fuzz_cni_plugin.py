@@ -6,7 +6,9 @@ blank line, then the bytes the runtime would put on stdin. `plugin.run` must
 return exit status 0 or 1, and on 1 an error object with an int code, a
 non-empty msg and a cniVersion flock speaks; it must never raise. Whatever the
 plugin would send to the agent must also pass the agent's own check
-(`CniRequest.from_wire` raises nothing but CniError).
+(`CniRequest.from_wire` raises nothing but CniError), and the request frame
+round-trips. tests/unit/test_cni_launcher.py runs this corpus through the native
+launcher and the Python plugin against the real RPC server and compares them.
 
 The agent socket is pointed at a path that does not exist and the state dir at
 one that cannot be created, so the fuzzer never talks to a real agent nor
@@ -62,6 +64,9 @@ def one_input(data: bytes) -> None:
     else:
         raise AssertionError(f"success without an agent: {env} {out}")
     plugin.json_loads(plugin.json_dumps(out).encode())
+    # The wire frame (what the launcher sends too) carries env and stdin unchanged.
+    if not any("\0" in k or "\0" in v for k, v in env.items()):
+        assert plugin.decode_frame(plugin.encode_frame(env, stdin)) == (env, stdin)
 
     # The agent's side: any JSON object, as the request it would be.
     try:
