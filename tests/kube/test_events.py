@@ -95,8 +95,18 @@ def test_repeated_rejection_is_one_event_with_a_series(api: ApiServer) -> None:
             # Another reason (or another pod incarnation) is another Event.
             rec.record(PodEvent(ns, "web", "FlockAddRejected", note, uid="u-2"))
             rec.record(PodEvent(ns, "web", "FlockRangeExhausted", "no free IPv4", uid="u-1"))
+            # An Event about a NetworkPolicy (one flock cannot compile).
+            rec.record(
+                PodEvent(
+                    ns, "deny-all", "FlockPolicyRejected", "spec.ingress[0]: bad port",
+                    kind="NetworkPolicy", api_version="networking.k8s.io/v1",
+                )
+            )  # fmt: skip
             await rec.drained()
-            assert len(await events_in(api, ns)) == 3
+            items = await events_in(api, ns)
+            assert len(items) == 4
+            (np,) = [i for i in items if i["regarding"]["kind"] == "NetworkPolicy"]
+            assert np["regarding"]["apiVersion"] == "networking.k8s.io/v1"
             assert rec.stats.errors == 0, rec.stats.last_error
         finally:
             await rec.close()

@@ -1,5 +1,8 @@
 """Events on pods (events.k8s.io/v1), aggregated so a retrying kubelet cannot flood the API.
 
+(The same path serves Events on other objects, e.g. a NetworkPolicy flock cannot
+compile: `PodEvent.kind`.)
+
 A rejected ADD is retried by the kubelet every few seconds for as long as the
 pod exists; one Event per attempt would be thousands of objects a day per bad
 pod. The events.k8s.io/v1 API has the answer built in, and this follows
@@ -65,7 +68,7 @@ class RecorderStats:
     last_error: str = ""
 
 
-_Key = tuple[str, str, str, str, str]  # (namespace, name, uid, reason, note)
+_Key = tuple[str, str, str, str, str, str]  # (kind, namespace, name, uid, reason, note)
 
 
 class EventRecorder:
@@ -167,7 +170,7 @@ class EventRecorder:
 
     async def _handle(self, ev: PodEvent, mono: float, wall: float) -> None:
         note = ev.message[:NOTE_MAX]
-        key: _Key = (ev.namespace, ev.name, ev.uid, ev.reason, note)
+        key: _Key = (ev.kind, ev.namespace, ev.name, ev.uid, ev.reason, note)
         s = self._series.get(key)
         if s is not None and mono - s.last <= self.window:
             s.count += 1
@@ -182,13 +185,13 @@ class EventRecorder:
             "eventTime": micro_time(wall),
             "reportingController": REPORTING_CONTROLLER,
             "reportingInstance": self.instance,
-            "action": "Add",
+            "action": "Add" if ev.kind == "Pod" else "Compile",
             "reason": ev.reason,
             "note": note,
             "type": "Warning" if ev.warning else "Normal",
             "regarding": {
-                "apiVersion": "v1",
-                "kind": "Pod",
+                "apiVersion": ev.api_version,
+                "kind": ev.kind,
                 "namespace": ev.namespace,
                 "name": ev.name,
                 **({"uid": ev.uid} if ev.uid else {}),

@@ -140,7 +140,11 @@ class Datastore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class PodEvent:
-    """What a Kubernetes Event on a pod carries, e.g. a rejected ADD."""
+    """What a Kubernetes Event on a pod carries, e.g. a rejected ADD.
+
+    `kind`/`api_version` name another object the Event is about (a NetworkPolicy
+    flock cannot compile); the default is the pod.
+    """
 
     namespace: str
     name: str
@@ -148,3 +152,5 @@ class PodEvent:
     message: str
     uid: str = ""
     warning: bool = True
+    kind: str = "Pod"
+    api_version: str = "v1"
