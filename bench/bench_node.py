@@ -16,8 +16,10 @@ Per node: N pods created by one `kubectl apply`; a `kubectl get pods --watch`
 started before it timestamps, per pod, the first event with a pod IP and the
 first with Ready=True (seconds from the apply). containerd's own CNI timer is
 read from its debug log ("begin cni setup" -> "cni result" per sandbox, the span
-its network_plugin_operations_duration_seconds metric covers). Printed, not
-asserted.
+its network_plugin_operations_duration_seconds metric covers). CPU time from the
+node's cpuacct cgroup (kubelet, containerd, shims, pods, control plane daemons
+started by the harness; not etcd/kube-apiserver) and flock's DaemonSet pod alone.
+Printed, not asserted.
 
     .venv/bin/python bench/bench_node.py [--pods 50] [--only ptp|flock] [--json]
 """
@@ -125,11 +127,16 @@ def measure(node: KubeNode, n: int, label: str) -> dict[str, Any]:
     watch = Watch(node, f"bench={prefix}")
     time.sleep(1.0)  # the watch's initial list is done before the pods exist
     cni_before = set(node.containerd_cni_timings())
+    agents = [p["metadata"]["uid"] for p in node.flock_agent_pods()]
+    cpu0 = node.cpu_seconds()
+    agent0 = sum(node.pod_cpu_seconds(u) for u in agents)
     t0 = time.monotonic()
     node.kubectl("apply", "-f", "-", input=pods_manifest(n, prefix))
     deadline = t0 + 600
     while len(watch.ready) < n and time.monotonic() < deadline:
         time.sleep(0.2)
+    cpu = node.cpu_seconds() - cpu0
+    agent_cpu = sum(node.pod_cpu_seconds(u) for u in agents) - agent0
     watch.close()
     ready = [t - t0 for t in watch.ready.values()]
     ips = [t - t0 for t in watch.ip.values()]
@@ -146,6 +153,9 @@ def measure(node: KubeNode, n: int, label: str) -> dict[str, Any]:
         "cni_p50_ms": pct(cni, 0.5) * 1000,
         "cni_p99_ms": pct(cni, 0.99) * 1000,
         "cni_mean_ms": statistics.fmean(cni) * 1000 if cni else float("nan"),
+        # Until the last pod was Ready: every node daemon, shim and pod; and flock's pod.
+        "node_cpu_s": cpu,
+        "agent_cpu_s": agent_cpu if agents else None,
     }
 
 
@@ -206,6 +216,8 @@ def main() -> int:
         ("containerd CNI p50 (ms)", "cni_p50_ms", "{:.1f}"),
         ("containerd CNI p99 (ms)", "cni_p99_ms", "{:.1f}"),
         ("containerd CNI mean (ms)", "cni_mean_ms", "{:.1f}"),
+        ("node CPU until all Ready (s)", "node_cpu_s", "{:.1f}"),
+        ("  of it flock's pod (s)", "agent_cpu_s", "{:.1f}"),
     ]
     cols = [k for k in ("ptp", "flock") if k in results]
     print(f"\n{'figure':<30}" + "".join(f"{c:>16}" for c in cols))

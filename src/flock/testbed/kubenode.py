@@ -34,8 +34,9 @@ start):
   and over the three sysctl files the kubelet would otherwise write
   (vm/overcommit_memory=1, kernel/panic=10, kernel/panic_on_oops=1);
 - cgroup v1 hierarchies: `/<name>` in each, cpuset copied from the parent; the
-  kubelet's `cgroupRoot`, and `/<name>/daemons` holds every daemon started here
-  (so the shims and pod processes can be found, and killed by PID, at the end);
+  kubelet's `cgroupRoot`, and `/<name>/daemons` (pids, cpuacct) holds every daemon
+  started here (so the shims and pod processes can be found, and killed by PID, at
+  the end, and the node's CPU time is accounted: `cpu_seconds()`);
 - containerd with its own root, state, socket, shim `socket_dir` and runc `Root`,
   `restrict_oom_score_adj = true` (root lacks CAP_SYS_RESOURCE), the sandbox
   image pinned, CNI from /opt/cni/bin and /etc/cni/net.d (the bind mounts);
@@ -115,6 +116,7 @@ HARD_CODED_DIRS = {
     "cni/net.d": "/etc/cni/net.d",
 }
 OVERLAID = ("/etc", "/opt", "/var/lib", "/var/log")
+DAEMON_HIERARCHIES = ("pids", "cpuacct")
 
 
 class KubeNodeError(RuntimeError):
@@ -508,8 +510,9 @@ class KubeNode:
             if h.name == "cpuset":
                 for f in ("cpuset.cpus", "cpuset.mems"):
                     (mine / f).write_text((h / f).read_text())
-        daemons = CGROUP_FS / "pids" / self.name / "daemons"
-        daemons.mkdir(exist_ok=True)
+        # pids: to find every process at the end; cpuacct: to account the node's CPU.
+        for hierarchy in DAEMON_HIERARCHIES:
+            (CGROUP_FS / hierarchy / self.name / "daemons").mkdir(exist_ok=True)
 
     def _cgroup_pids(self) -> list[int]:
         root = CGROUP_FS / "pids" / self.name
@@ -555,6 +558,18 @@ class KubeNode:
                         time.sleep(0.1)
         self._cgroups_made = False
 
+    def cpu_seconds(self, sub: str = "") -> float:
+        """CPU time used so far by the node's cgroup (daemons, shims, pods) or a part of it
+        (`sub`, e.g. "daemons" or "kubepods"), from cpuacct."""
+        path = CGROUP_FS / "cpuacct" / self.name / sub / "cpuacct.usage"
+        return int(path.read_text()) / 1e9
+
+    def pod_cpu_seconds(self, uid: str) -> float:
+        """CPU time used so far by one pod (its containers and sandbox), from cpuacct."""
+        root = CGROUP_FS / "cpuacct" / self.name
+        found = list(root.glob(f"kubepods/**/pod{uid}/cpuacct.usage"))
+        return sum(int(p.read_text()) for p in found) / 1e9
+
     # ---- daemons -------------------------------------------------------------------------
 
     def spawn(self, name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
@@ -563,8 +578,11 @@ class KubeNode:
         `sh` moves itself into the cgroup and execs nsenter, which execs the daemon:
         the Popen's PID is the daemon's own.
         """
-        cgroup = CGROUP_FS / "pids" / self.name / "daemons" / "cgroup.procs"
-        script = f'echo $$ > {cgroup} && exec "$@"'
+        moves = " && ".join(
+            f"echo $$ > {CGROUP_FS / h / self.name / 'daemons' / 'cgroup.procs'}"
+            for h in DAEMON_HIERARCHIES
+        )
+        script = f'{moves} && exec "$@"'
         with open(self.log_path(name), "ab") as out:
             proc = subprocess.Popen(
                 ["sh", "-c", script, "sh", *self._enter(), *argv],
