@@ -212,7 +212,9 @@ class Agent:
             log.warning("libnftables unavailable, using the nft binary", extra={"error": str(e)})
             nft = NftCli()
         self.policy_engine = PolicyEngine(nft)
-        return NftPolicy(self.service.run_kernel, self.policy_engine)
+        # Its own subscription: it drains the events at each pass (O(change) updates).
+        events = self.datastore.subscribe()
+        return NftPolicy(self.service.run_kernel, self.policy_engine, events)
 
     async def _follow_datastore(self) -> None:
         q = self.datastore.subscribe()

@@ -263,7 +263,10 @@ class ExportApplier(Protocol):
 
 class PolicyApplier(Protocol):
     async def apply_policy(self, snapshot: Snapshot, allocations: Sequence[Allocation]) -> None:
-        """Make the node's policy state match the datastore's policies and pods."""
+        """Make the node's policy state match the datastore's policies and pods.
+
+        An applier that works from change events may also have `resync()`: the
+        loop calls it before a forced pass (start, periodic, after a failure)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,7 +480,14 @@ class Reconciler:
         policy_ok = True
         if self._policy is not None:
             t0 = time.perf_counter()
+            if force:
+                resync = getattr(self._policy, "resync", None)
+                if resync is not None:
+                    resync()  # the whole view, not only what events named
             allocs = self.policy_allocations()
+            # Read again: the applier takes the datastore's events up to now with it
+            # (the one read above is from before the anycast and BIRD awaits).
+            snap = self._snapshot()
             policy_ok = await self._apply("policy", self._policy.apply_policy(snap, allocs))
             self.stats.policy_sync_seconds = time.perf_counter() - t0
         ok = ok and policy_ok
