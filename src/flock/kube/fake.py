@@ -40,6 +40,7 @@ class FakeCounters:
     watches: int = 0
     failed: int = 0
     gone: int = 0
+    gets: int = 0
     timestamps: list[float] = field(default_factory=list)
 
 
@@ -128,6 +129,12 @@ class FakeCollection(Generic[V]):
             raise ApiError(0, "ConnectionError", "connection refused (fake outage)")
 
     # -- Source -----------------------------------------------------------------
+
+    async def get(self, namespace: str, name: str) -> Item[V] | None:
+        """One object now (the GET a datastore falls back to)."""
+        self._maybe_fail()
+        self.counters.gets += 1
+        return self.objects.get((namespace, name))
 
     async def list(
         self,
