@@ -26,9 +26,13 @@ Run as root:  .venv/bin/python bench/bench_agent_policy.py [--pods 100] [--round
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from typing import Any
@@ -182,14 +186,266 @@ def run_scenario(n_policies: int, n_pods: int) -> dict[str, Any]:
         node.destroy()
 
 
+# ---------------------------------------------------------------------------
+# --scale: one change through the agent's reconcile loop at 10,000 pods x 1,000 policies
+
+
+class ScaleStore:
+    """The datastore as the reconcile loop sees it: a snapshot rebuilt (dicts copied)
+    after each change, as both datastores do, and one event per changed object."""
+
+    def __init__(self, pods: list[Any], namespaces: dict[str, Any], policies: list[Any]) -> None:
+        from flock.agent.datastore.base import Event
+
+        self.pods = {p.key: p for p in pods}
+        self.namespaces = namespaces
+        self.policies = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in policies}
+        self.queues: list[asyncio.Queue[Event]] = []
+        self._snap: Any = None
+
+    def subscribe(self) -> asyncio.Queue[Any]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self.queues.append(q)
+        return q
+
+    def snapshot(self) -> Any:
+        from flock.agent.datastore.base import Snapshot
+
+        if self._snap is None:
+            self._snap = Snapshot(
+                node_name="n",
+                pods=self.pods.copy(),
+                namespaces=self.namespaces.copy(),
+                network_policies=self.policies.copy(),
+                synced=True,
+            )
+        return self._snap
+
+    def _emit(self, kind: Any, ns: str, name: str) -> None:
+        from flock.agent.datastore.base import Event, EventType
+
+        self._snap = None
+        for q in self.queues:
+            q.put_nowait(Event(kind, EventType.MODIFIED, ns, name))
+
+    def set_pod(self, key: tuple[str, str], pod: Any) -> None:
+        from flock.agent.datastore.base import Kind
+
+        if pod is None:
+            self.pods.pop(key, None)
+        else:
+            self.pods[key] = pod
+        self._emit(Kind.POD, *key)
+
+    def set_policy(self, key: tuple[str, str], obj: Any) -> None:
+        from flock.agent.datastore.base import Kind
+
+        self.policies[key] = obj
+        self._emit(Kind.NETWORK_POLICY, *key)
+
+
+async def scale_run(n_pods: int, n_pol: int, n_local: int, repeat: int, how: str) -> dict[str, Any]:
+    """Inside a node namespace: the reconcile loop with the policy applier `how`
+    ("update": this tree's NftPolicy; "old:PATH": the NftPolicy of another appliers.py,
+    e.g. the one before O(change) updates) over libnftables; each change is timed from
+    the datastore's change to `Reconciler.sync()` returning, as an ADD waits."""
+    import concurrent.futures
+    import dataclasses
+    import importlib.util
+    import ipaddress
+    import random
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_policy as bp
+    from flock.agent.appliers import NftPolicy
+    from flock.agent.reconcile import AllocationIndex, Reconciler
+    from flock.apply.nft import NftLib, PolicyEngine, delete_table
+    from flock.model.allocation import Allocation, AttachmentKey
+    from flock.model.policy import NetworkPolicy
+
+    applier_cls: Any = NftPolicy
+    if how.startswith("old:"):
+        spec = importlib.util.spec_from_file_location("old_appliers", how[4:])
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        applier_cls = mod.NftPolicy
+    rnd = random.Random(1)
+    pods = bp.make_pods(n_pods, rnd)
+    objs = [bp.policy_object(i, rnd) for i in range(n_pol)]
+    store = ScaleStore(pods, bp.make_namespaces(), objs)
+    index = AllocationIndex()
+
+    def alloc(pod: Any, i: int) -> Allocation:
+        v6 = next(a for a in pod.ips if a.version == 6)
+        v4 = next(a for a in pod.ips if a.version == 4)
+        return Allocation(
+            key=AttachmentKey(f"c{i:011x}", "eth0"),
+            namespace=pod.namespace,
+            pod=pod.name,
+            host_ifname=f"flk{i:011x}",
+            v6=ipaddress.IPv6Address(v6),
+            v4=ipaddress.IPv4Address(v4),
+        )
+
+    step = max(1, n_pods // n_local)
+    local = pods[::step][:n_local]
+    for i, p in enumerate(local):
+        index.put(alloc(p, i))
+    nft = NftLib()
+    delete_table(nft)
+    engine = PolicyEngine(nft)
+    pool = concurrent.futures.ThreadPoolExecutor(4)
+
+    async def run_kernel(fn: Any, *a: Any, **kw: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, lambda: fn(*a, **kw))
+
+    events = store.subscribe() if how == "update" else None
+    applier = applier_cls(run_kernel, engine, events) if events else applier_cls(run_kernel, engine)
+    rec = Reconciler(snapshot=store.snapshot, index=index, policy=applier)
+    task = asyncio.create_task(rec.run())
+    t0 = time.perf_counter()
+    assert (await rec.sync()).policy_ok
+    out: dict[str, Any] = {"first sync": [time.perf_counter() - t0], "how": how}
+
+    async def timed(change: Any) -> float:
+        t = time.perf_counter()
+        change()
+        outcome = await rec.sync()
+        dt = time.perf_counter() - t
+        assert outcome.policy_ok, outcome.error
+        return dt
+
+    target = local[0]
+    newpod = bp.make_pods(n_pods + 1, random.Random(7))[-1]
+    other = next(a for a in bp.APPS if a != target.labels["app"])
+    relabelled = dataclasses.replace(target, labels={**target.labels, "app": other})
+    k = next(i for i, o in enumerate(objs) if NetworkPolicy.from_object(o).selects(target))
+    pol0 = objs[k]
+    key0 = (pol0["metadata"]["namespace"], pol0["metadata"]["name"])
+    changed = {
+        "metadata": pol0["metadata"],
+        "spec": {
+            "podSelector": {"matchLabels": {"app": bp.APPS[1]}},
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "front"}}}]}],
+        },
+    }
+    newlocal = dataclasses.replace(target, name="newlocal", ips=newpod.ips)
+    store.set_pod(newlocal.key, newlocal)  # the API server has it before the ADD
+    assert (await rec.sync()).policy_ok
+    new_alloc = alloc(newlocal, n_local + 1)
+    cases = {
+        "remote pod added / deleted": (
+            lambda: store.set_pod(newpod.key, newpod),
+            lambda: store.set_pod(newpod.key, None),
+        ),
+        "local pod relabelled / back": (
+            lambda: store.set_pod(target.key, relabelled),
+            lambda: store.set_pod(target.key, target),
+        ),
+        "policy changed / back": (
+            lambda: store.set_policy(key0, changed),
+            lambda: store.set_policy(key0, dict(pol0)),
+        ),
+        "local pod ADD / DEL": (
+            lambda: index.put(new_alloc),
+            lambda: index.remove(new_alloc.key),
+        ),
+    }
+    for name, (fwd, back) in cases.items():
+        ts: list[float] = []
+        for _ in range(repeat):
+            ts.append(await timed(fwd))
+            ts.append(await timed(back))
+        out[name] = ts
+    out["syncs/updates"] = [getattr(applier, "syncs", -1), getattr(applier, "updates", -1)]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    delete_table(nft)
+    pool.shutdown()
+    return out
+
+
+def scale_in_netns(args: list[str]) -> dict[str, Any]:
+    from flock.testbed import netns
+
+    name = netns.unique_name("fwbs", 8)
+    netns.create(name)
+    try:
+        out = subprocess.run(
+            ["ip", "netns", "exec", name, sys.executable, __file__, "--scale-inner", *args],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr)
+        return dict(json.loads(out.stdout.splitlines()[-1]))
+    finally:
+        netns.delete(name)
+
+
+def scale_main(args: argparse.Namespace) -> None:
+    """Interleaved rounds of the applier before O(change) updates (`--old`, an
+    appliers.py) and this tree's; medians per change kind."""
+    hows = ["update"] + ([f"old:{args.old}"] if args.old else [])
+    got: dict[str, dict[str, list[float]]] = {h: {} for h in hows}
+    loads = [os.getloadavg()[0]]
+    for r in range(args.rounds):
+        for how in hows if r % 2 == 0 else list(reversed(hows)):
+            inner = [str(args.scale_pods), str(args.scale_policies), str(args.scale_local)]
+            res = scale_in_netns([*inner, str(args.repeat), how])
+            loads.append(os.getloadavg()[0])
+            for k, v in res.items():
+                if isinstance(v, list) and k != "syncs/updates":
+                    got[how].setdefault(k, []).extend(v)
+            got[how]["syncs/updates"] = res["syncs/updates"]
+    print(
+        f"\none change through the agent's reconcile loop (datastore change -> sync() "
+        f"returns), {args.scale_pods} pods x {args.scale_policies} policies, "
+        f"{args.scale_local} local, libnftables, {args.rounds} interleaved rounds x "
+        f"{args.repeat} x 2 directions; load average {min(loads):.1f}-{max(loads):.1f}; "
+        "target <= 5 ms per single-pod or single-policy change"
+    )
+    print(f"| change | {' | '.join(h.split(':')[0] + ' p50 (p90)' for h in hows)} |")
+    print("|---|" + "---|" * len(hows))
+    for k in got[hows[0]]:
+        if k == "syncs/updates":
+            continue
+        cells = [
+            f"{statistics.median(got[h][k]) * 1e3:.2f} ms ({pct(got[h][k], 90) * 1e3:.2f})"
+            for h in hows
+        ]
+        print(f"| {k} | {' | '.join(cells)} |")
+    for h in hows:
+        print(f"{h.split(':')[0]}: applier syncs/updates {got[h]['syncs/updates']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pods", type=int, default=100)
     ap.add_argument("--policies", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved A/B rounds")
+    ap.add_argument("--repeat", type=int, default=10, help="--scale: changes per kind per round")
+    ap.add_argument("--scale", action="store_true", help="one change at 10k pods x 1k policies")
+    ap.add_argument("--scale-pods", type=int, default=10_000)
+    ap.add_argument("--scale-policies", type=int, default=1_000)
+    ap.add_argument("--scale-local", type=int, default=110)
+    ap.add_argument("--old", default="", help="--scale: an appliers.py to compare against")
+    ap.add_argument("--scale-inner", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scale_inner:
+        n_pods, n_pol, n_local, rep, how = args.scale_inner
+        res = asyncio.run(scale_run(int(n_pods), int(n_pol), int(n_local), int(rep), how))
+        print(json.dumps(res))
+        return
     if os.geteuid() != 0:
         raise SystemExit("needs root (creates network namespaces)")
+    if args.scale:
+        scale_main(args)
+        return
     scenarios = {"none": 0, f"{args.policies} policies": args.policies}
     got: dict[str, dict[str, list[float]]] = {
         k: {"add": [], "reconcile": [], "kernel": []} for k in scenarios

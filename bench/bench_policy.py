@@ -99,6 +99,11 @@ def make_namespaces() -> dict[str, Namespace]:
 
 
 def make_policy(i: int, rnd: random.Random) -> NetworkPolicy:
+    return NetworkPolicy.from_object(policy_object(i, rnd))
+
+
+def policy_object(i: int, rnd: random.Random) -> dict[str, Any]:
+    """The i-th synthetic policy as the API server holds it (bench_agent_policy too)."""
     ns = f"ns{i % N_NS}"
     app = APPS[(i // N_NS) % len(APPS)]
     other = rnd.choice(APPS)
@@ -131,9 +136,7 @@ def make_policy(i: int, rnd: random.Random) -> NetworkPolicy:
             {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.0.0/16"]}}],
              "ports": [{"port": 53, "protocol": "UDP"}]},
         ]  # fmt: skip
-    return NetworkPolicy.from_object(
-        {"metadata": {"namespace": ns, "name": f"pol{i}"}, "spec": spec}
-    )
+    return {"metadata": {"namespace": ns, "name": f"pol{i}"}, "spec": spec}
 
 
 def state(n_pods: int, n_pol: int, n_local: int, seed: int = 1) -> PolicyInputs:

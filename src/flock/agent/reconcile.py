@@ -285,6 +285,9 @@ class ReconcileStats:
     last_error: str = ""
     last_pass_seconds: float = 0.0
     policy_sync_seconds: float = 0.0
+    # How the policy applier fed the engine: whole views, and changes only.
+    policy_syncs: int = 0
+    policy_updates: int = 0
 
 
 class Reconciler:
@@ -490,6 +493,8 @@ class Reconciler:
             snap = self._snapshot()
             policy_ok = await self._apply("policy", self._policy.apply_policy(snap, allocs))
             self.stats.policy_sync_seconds = time.perf_counter() - t0
+            self.stats.policy_syncs = getattr(self._policy, "syncs", 0)
+            self.stats.policy_updates = getattr(self._policy, "updates", 0)
         ok = ok and policy_ok
         self.stats.passes += 1
         self.stats.last_pass_seconds = time.perf_counter() - start
