@@ -15,6 +15,7 @@ that still exists in the API keeps its addresses even without a netns.
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +221,56 @@ def test_rejected_add_is_one_event_on_the_pod(cluster: Cluster) -> None:
     assert "anycast" in ev["note"] and "2001:db8:bad::1" in ev["note"], ev["note"]
     assert ev["regarding"]["name"] == "bad" and ev["regarding"]["uid"] == bad.uid
     assert len(events()) == 1, "retries fold into the Event's series"
+
+
+def test_leak_reconciler_never_releases_a_live_pod_under_churn(cluster: Cluster) -> None:
+    """Random churn at the API and the runtime while the reconciler runs every 0.5 s
+    with a 2 s grace: a pod in the API keeps its allocation at every step (also with
+    its sandbox gone, and when its name was reused); every lost DEL is released."""
+    c = cluster
+    rng = random.Random(7)
+    names = [f"p{i}" for i in range(5)]
+    live: dict[str, Pod] = {}
+
+    def held() -> set[tuple[str, str]]:
+        return {(a["pod"], a["podUID"]) for a in c.node.status()["allocations"]}
+
+    def api_delete(pod: Pod) -> None:
+        ok(c.api, "DELETE", f"/api/v1/namespaces/{c.ns}/pods/{pod.name}?gracePeriodSeconds=0")
+
+    ops: list[str] = []
+    for _ in range(40):
+        name = rng.choice(names)
+        pod = live.get(name)
+        if pod is None:
+            new = c.create_pod(name)
+            c.add(new)
+            live[name] = new
+            ops.append(f"add {name}")
+            continue
+        op = rng.choice(["del", "lost-del", "recreate", "sandbox-gone"])
+        ops.append(f"{op} {name}")
+        if op == "del":  # the normal path: DEL, sandbox removed, pod deleted
+            assert c.node.cni_del(pod).ok
+            netns.delete(pod.netns_name)
+            api_delete(pod)
+            del live[name]
+        elif op in ("lost-del", "recreate"):  # the DEL never comes
+            api_delete(pod)
+            netns.delete(pod.netns_name)
+            del live[name]
+            if op == "recreate":  # same name, new uid, new sandbox
+                new = c.create_pod(name)
+                c.add(new)
+                live[name] = new
+        else:  # the sandbox is gone but the pod is still in the API: keep it
+            netns.delete(pod.netns_name)
+        want = {(p.name, p.uid) for p in live.values()}
+        missing = want - held()
+        assert not missing, f"released live pods {missing} after {ops}"
+    wait_until(
+        held,
+        until=lambda h: h == {(p.name, p.uid) for p in live.values()},
+        timeout=WAIT,
+        what=f"exactly the live pods' allocations after {len(ops)} steps",
+    )
