@@ -71,16 +71,19 @@ class Cluster:
             "spec": {"nodeName": self.node_name, "containers": [{"name": "c", "image": "x"}]},
         }
         obj = ok(self.api, "POST", f"/api/v1/namespaces/{self.ns}/pods", body)
-        return Pod(
+        pod = Pod(
             namespace=self.ns,
             name=name,
             uid=obj["metadata"]["uid"],
             netns_name=self.node.new_pod_netns(),
             container_id=secrets.token_hex(16),
         )
+        # Registered by container ID, so that the node's destroy() removes every
+        # sandbox made here (also an old incarnation's under a reused name).
+        self.node.pods[pod.container_id] = pod
+        return pod
 
     def add(self, pod: Pod) -> None:
-        self.node.pods[f"{pod.namespace}/{pod.name}"] = pod
         pod.result = self.node.cni_add(pod)
         assert pod.result.ok, pod.result.stdout
 
