@@ -67,9 +67,15 @@ def test_status_socket_round_trip_and_table(tmp_path: Path) -> None:
         "anycast": {"2001:db8:a::53": [{"via": "2001:db8::5", "dev": "flk0123456789a"}]},
         "exports": ["2001:db8:a::53/128"],
         "bgp": {"bird": "up", "sessions": {"2001:db8::1": {"state": "up", "info": "Established"}}},
-        "policy": {"syncs": 3, "last_duration_s": 0.001, "last_error": None},
+        "policy": {
+            "syncs": 3,
+            "last_duration_s": 0.001,
+            "last_error": None,
+            "rejected_policies": {"dns/bad-np": "spec.podSelector: operator 'Maybe'"},
+            "fail_closed": {"dns/bad-np": ["Egress", "Ingress"]},
+        },
         "events": [{"pod": "dns/bad", "reason": "FlockAddRejected", "message": "annotation x"}],
-        "reconcile": {},
+        "reconcile": {"policy_syncs": 1, "policy_updates": 5},
     }
 
     async def inspect() -> dict[str, object]:
@@ -89,3 +95,5 @@ def test_status_socket_round_trip_and_table(tmp_path: Path) -> None:
     text = render(got)
     assert "dns/coredns-1" in text and "2001:db8:a::53" in text and "via" not in text.split()[0]
     assert "Established" in text and "FlockAddRejected" in text
+    assert "REJECTED dns/bad-np, fail closed for Egress+Ingress: spec.podSelector" in text
+    assert "fed 5 changes, 1 whole views" in text

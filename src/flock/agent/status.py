@@ -120,12 +120,21 @@ def render(st: dict[str, Any]) -> str:
         out.append("POLICY: disabled")
     else:
         err = pol.get("last_error")
+        rec = st.get("reconcile") or {}
+        fed = (
+            f" (fed {rec['policy_updates']} changes, {rec['policy_syncs']} whole views)"
+            if "policy_updates" in rec
+            else ""
+        )
         out.append(
-            f"POLICY: {pol.get('syncs')} syncs, last {pol.get('last_duration_s')}s"
+            f"POLICY: {pol.get('syncs')} syncs{fed}, last {pol.get('last_duration_s')}s"
             + (f", ERROR {err}" if err else "")
         )
+        closed = pol.get("fail_closed") or {}
         for k, v in (pol.get("rejected_policies") or {}).items():
-            out.append(f"  rejected {k}: {v}")
+            # What it isolates until fixed: the pods it may select, in these directions.
+            dirs = "+".join(closed.get(k) or ()) or "?"
+            out.append(f"  REJECTED {k}, fail closed for {dirs}: {v}")
     events = st.get("events") or []
     if events:
         out.append("")
