@@ -226,6 +226,35 @@ def test_rejected_add_is_one_event_on_the_pod(cluster: Cluster) -> None:
     assert len(events()) == 1, "retries fold into the Event's series"
 
 
+def test_policy_flock_cannot_enforce_is_an_event_on_the_policy(cluster: Cluster) -> None:
+    """Fail closed, and say so where the policy's author looks: an Event on the policy."""
+    c = cluster
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "bad-block"},
+        "spec": {
+            "podSelector": {"matchLabels": {"app": "db"}},
+            # The API server accepts this ipBlock; flock refuses the leading zero.
+            "ingress": [{"from": [{"ipBlock": {"cidr": "010.51.0.0/16"}}]}],
+        },
+    }
+    obj = ok(c.api, "POST", f"/apis/networking.k8s.io/v1/namespaces/{c.ns}/networkpolicies", policy)
+
+    def events() -> list[dict[str, Any]]:
+        out = ok(c.api, "GET", f"/apis/events.k8s.io/v1/namespaces/{c.ns}/events")
+        return [e for e in out["items"] if e["regarding"].get("kind") == "NetworkPolicy"]
+
+    (ev,) = wait_until(events, until=lambda e: len(e) >= 1, timeout=WAIT, what="the Event")
+    assert ev["reason"] == "FlockPolicyRejected" and ev["type"] == "Warning"
+    assert (
+        ev["regarding"]["name"] == "bad-block" and ev["regarding"]["uid"] == obj["metadata"]["uid"]
+    )
+    assert "010.51.0.0/16" in ev["note"] and "isolated for Ingress" in ev["note"], ev["note"]
+    rejected = c.node.status()["policy"]["rejected_policies"]
+    assert f"{c.ns}/bad-block" in rejected, rejected
+
+
 def test_leak_reconciler_never_releases_a_live_pod_under_churn(cluster: Cluster) -> None:
     """Random churn at the API and the runtime while the reconciler runs every 0.5 s
     with a 2 s grace: a pod in the API keeps its allocation at every step (also with

@@ -47,6 +47,7 @@ from flock.agent.datastore.files import FilesDatastore
 from flock.agent.logs import JsonFormatter, setup_logging
 from flock.agent.metrics import AgentMetrics, Health, MetricsServer
 from flock.agent.options import AGENT_SOCKET, Options, parse_args
+from flock.agent.policy_events import RejectedPolicyEvents
 from flock.agent.reconcile import AllocationIndex, Reconciler
 from flock.agent.service import CniService
 from flock.agent.startup import ResyncReport, resync_kernel, spawn
@@ -87,7 +88,9 @@ class Agent:
         self.bird: Any = None
         self.policy_engine: Any = None
         self.resync = ResyncReport()
+        self.policy_events = RejectedPolicyEvents()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._event_tasks: list[asyncio.Task[Any]] = []
         self._servers: list[tuple[asyncio.Server, Path]] = []
         self._metrics_server: MetricsServer | None = None
         self.started_at = time.time()
@@ -103,7 +106,7 @@ class Agent:
         self.reconciler = Reconciler(
             snapshot=self.datastore.snapshot,
             index=AllocationIndex(),
-            on_pass=lambda r: self.metrics.observe_pass(r, policy=self.policy_engine is not None),
+            on_pass=self._after_pass,
         )
         self.service = CniService(
             datastore=self.datastore,
@@ -157,6 +160,22 @@ class Agent:
         self.health.reason = "ok"
         self._start_kube_loops()
         log.info("agent ready", extra={"node": o.node_name, "socket": str(o.socket)})
+
+    def _after_pass(self, result: Any) -> None:
+        """After every reconcile pass: metrics, and Events on newly rejected policies."""
+        self.metrics.observe_pass(result, policy=self.policy_engine is not None)
+        if self.policy_engine is None:
+            return
+        for event in self.policy_events.observe(self.policy_engine.rejected()):
+            log.warning(
+                "NetworkPolicy %s/%s rejected: %s", event.namespace, event.name, event.message
+            )
+            spawn(
+                self.datastore.record_event(event),
+                name=f"event {event.namespace}/{event.name}",
+                tasks=self._event_tasks,
+            )
+        self._event_tasks = [t for t in self._event_tasks if not t.done()]
 
     def _start_kube_loops(self) -> None:
         """NodeConfig status and leak reconciliation: only with the Kubernetes datastore."""
