@@ -342,3 +342,81 @@ def test_an_engine_that_lost_its_view_gets_the_whole_view() -> None:
         assert engine.applied == world.reference()
 
     asyncio.run(main())
+
+
+class PickyNft(FakeNft):
+    """Refuses every transaction that contains `needle` (rules nft cannot take)."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__()
+        self.needle = needle
+
+    def run(self, script: str) -> str:
+        if self.needle in script:
+            raise NftError(f"Error: cannot take {self.needle}")
+        return super().run(script)
+
+
+def _port_policy(world: World, j: int, port: int) -> None:
+    ns, name = NSS[j % 2], f"np{j}"
+    world.policies[(ns, name)] = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]},
+    }
+    world.emit(Kind.NETWORK_POLICY, ns, name)
+
+
+def test_a_policy_nft_refuses_is_isolated_fail_closed() -> None:
+    """A policy that compiles but whose rules nft refuses is enforced as its
+    RejectedPolicy (reported, fail closed for what it selects), found among several
+    at the first sync and alone when it arrives as a change; the other policies and
+    later changes go in; a fixed version of it is enforced as written."""
+
+    async def main() -> None:
+        world = World()
+        nft = PickyNft("31337")
+        engine = PolicyEngine(nft)
+        applier = NftPolicy(run_kernel, engine, world.events)
+        for j in range(5):
+            _port_policy(world, j, 31337 if j == 3 else 8000 + j)
+        for i in range(3):
+            world.set_attachment(i, False, True)
+        await applier.apply_policy(world.snapshot(), world.alloc_list)  # a sync: bisected
+        bad = ("b", "np3")
+        assert set(engine.rejected()) == {bad}
+        assert "nft refused" in engine.rejected()[bad].reason
+        applied = engine.applied
+        assert applied is not None and "8004" in str(applied.chains)
+
+        # As a change: only the new policy is a suspect; the pass succeeds.
+        _port_policy(world, 6, 31337)
+        world.set_attachment(3, False, True)
+        await applier.apply_policy(world.snapshot(), world.alloc_list)
+        assert set(engine.rejected()) == {bad, ("a", "np6")}
+        assert engine.applied is not None and "v3" in engine.applied.ingress
+
+        # Fixed: enforced as written. Later passes keep the stand-in of the bad one.
+        _port_policy(world, 3, 9999)
+        await applier.apply_policy(world.snapshot(), world.alloc_list)
+        assert set(engine.rejected()) == {("a", "np6")}
+        applier.resync()
+        await applier.apply_policy(world.snapshot(), world.alloc_list)
+        assert set(engine.rejected()) == {("a", "np6")}
+        assert "9999" in str(engine.applied.chains if engine.applied else "")
+
+        # Refused whatever the policies: the pass fails as before (and retries a sync).
+        nft.needle = "flock"
+        world.set_attachment(4, False, True)
+        try:
+            await applier.apply_policy(world.snapshot(), world.alloc_list)
+        except NftError:
+            pass
+        else:
+            raise AssertionError("a refusal no policy explains must fail the pass")
+        nft.needle = "31337"
+        await applier.apply_policy(world.snapshot(), world.alloc_list)
+        assert engine.applied is not None and "v4" in engine.applied.ingress
+
+    asyncio.run(main())

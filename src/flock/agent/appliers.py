@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from flock.model.nodeconfig import NodeConfig
 from flock.model.pod import Pod
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 RunKernel = Callable[..., Awaitable[Any]]
 
 
@@ -196,24 +198,82 @@ class NftPolicy:
             self._dirty_pods.clear()
             self._dirty_ns.clear()
             return
-        from flock.apply.nft import PolicyResyncNeeded
+        from flock.apply.nft import NftError, PolicyResyncNeeded
 
+        changed: Sequence[PodKey] = ()
         try:
-            if self._need_sync:
-                await self._sync(snapshot, allocations)
-            else:
-                changes = self._changes(snapshot, allocations)
-                if changes is not None:
-                    try:
-                        await self.run_kernel(self.engine.update, changes)
-                        self.updates += 1
-                    except PolicyResyncNeeded:
-                        await self._sync(snapshot, allocations)
+            try:
+                if self._need_sync:
+                    await self._sync(snapshot, allocations)
+                else:
+                    changes = self._changes(snapshot, allocations)
+                    if changes is not None:
+                        changed = list(changes.policies)
+                        try:
+                            await self.run_kernel(self.engine.update, changes)
+                            self.updates += 1
+                        except PolicyResyncNeeded:
+                            changed = ()
+                            await self._sync(snapshot, allocations)
+            except NftError as exc:
+                if not await self._isolate(exc, changed):
+                    raise
         except BaseException:
             self._need_sync = True  # what the engine holds is unknown: the whole view next
             self._empty_applied = False
             raise
         self._empty_applied = not self._parsed
+
+    async def _isolate(self, exc: Exception, changed: Sequence[PodKey]) -> bool:
+        """nft refused a transaction: find the policies whose rules it refuses and
+        enforce each as its `RejectedPolicy` (fail closed for the pods it may select,
+        reported like a policy that does not parse) instead of failing every change.
+
+        Suspects: the policies this pass changed, else every valid one. All of them
+        go in as stand-ins first (if nft still refuses, the cause is elsewhere:
+        False, the pass fails as before); then they are put back in halves, and a
+        half that is refused again is split, down to single policies. One bad policy
+        among n costs about 2 log2(n) transactions, each a whole-table replace (the
+        kernel's copy is unknown after a refusal): seconds at 1,000 policies, and
+        only when nft refuses. The stand-in is kept for that object; a new version
+        of the policy is tried again."""
+        from flock.apply.nft import NftError
+        from flock.compile.policy import PolicyChanges
+        from flock.model.policy import RejectedPolicy
+
+        good = [k for k, (_, p) in self._parsed.items() if not isinstance(p, RejectedPolicy)]
+        suspects = sorted(set(changed) & set(good)) or sorted(good)
+        if not suspects:
+            return False
+        reason = f"nft refused the rules compiled from it: {exc}"[:300]
+        orig = {k: self._parsed[k][1] for k in suspects}
+        stand = {k: RejectedPolicy.from_object(self._parsed[k][0], reason, k) for k in suspects}
+
+        async def put(pols: Mapping[PodKey, Any]) -> None:
+            await self.run_kernel(self.engine.update, PolicyChanges(policies=pols))
+
+        try:
+            await put(stand)
+        except NftError:
+            log.error("nft refuses the policy ruleset even without the suspect policies")
+            return False
+
+        async def restore(group: list[PodKey]) -> list[PodKey]:
+            try:
+                await put({k: orig[k] for k in group})
+                return []
+            except NftError:
+                await put({k: stand[k] for k in group})
+                if len(group) == 1:
+                    return group
+                mid = len(group) // 2
+                return await restore(group[:mid]) + await restore(group[mid:])
+
+        for key in await restore(suspects):
+            self._parsed[key] = (self._parsed[key][0], stand[key])
+            log.warning("NetworkPolicy %s/%s: nft refused its rules; enforced fail-closed", *key)
+        self.updates += 1
+        return True
 
     async def _sync(self, snap: Snapshot, allocations: Sequence[Allocation]) -> None:
         from flock.compile.policy import PolicyInputs
