@@ -4,7 +4,7 @@ install.yaml is the chart rendered with its default values (scripts/render-insta
 so the first test renders it with the built helm and compares. The rest read the
 committed install.yaml and check what an operator relies on without an API server:
 the CRD is the one file deploy/crds/nodeconfig.yaml and comes first, RBAC grants
-exactly the agent's needs (tests/kube/test_install.py proves it on a real server),
+exactly the agent's needs (tests/kube/test_install_apply.py proves it on a real server),
 the DaemonSet runs only on labelled nodes, mounts each host path at the same path,
 and probes BIRD.
 """
