@@ -350,6 +350,18 @@ async def scale_run(n_pods: int, n_pol: int, n_local: int, repeat: int, how: str
             "ingress": [{"from": [{"podSelector": {"matchLabels": {"tier": "front"}}}]}],
         },
     }
+    # A pod of another node labelled like one that is in a peer set: it joins that set.
+    applied = engine.applied
+    assert applied is not None
+    by_ip = {str(ip): p for p in pods for ip in p.ips}
+    member = next(
+        by_ip[str(e)]
+        for name, st in sorted(applied.sets.items())
+        if name.startswith("peer_")
+        for e in st.elements
+        if str(e) in by_ip
+    )
+    twin = dataclasses.replace(member, name="newremote", ips=newpod.ips)
     newlocal = dataclasses.replace(target, name="newlocal", ips=newpod.ips)
     store.set_pod(newlocal.key, newlocal)  # the API server has it before the ADD
     assert (await rec.sync()).policy_ok
@@ -358,6 +370,10 @@ async def scale_run(n_pods: int, n_pol: int, n_local: int, repeat: int, how: str
         "remote pod added / deleted": (
             lambda: store.set_pod(newpod.key, newpod),
             lambda: store.set_pod(newpod.key, None),
+        ),
+        "remote pod in peer sets added / deleted": (
+            lambda: store.set_pod(twin.key, twin),
+            lambda: store.set_pod(twin.key, None),
         ),
         "local pod relabelled / back": (
             lambda: store.set_pod(target.key, relabelled),
