@@ -71,9 +71,44 @@ def _pod_host_routes(node: KubeNode) -> set[str]:
 
 
 def _status(node: KubeNode) -> tuple[dict[str, int], int]:
-    """What the agent reports in its NodeConfig's status: allocations per family, pods."""
+    """What the agent reports in its NodeConfig's status: allocations per family (zero
+    counts left out), pods."""
     st = node.get_json("nodeconfig", node.name).get("status") or {}
-    return dict(st.get("allocations") or {}), int(st.get("pods") or 0)
+    allocs = {k: int(v) for k, v in (st.get("allocations") or {}).items() if int(v)}
+    return allocs, int(st.get("pods") or 0)
+
+
+def _networked_pods(node: KubeNode) -> int:
+    """Pods on the node that flock serves (not hostNetwork, not finished), per the API."""
+    items = node.get_json("pods", "-A", "--field-selector", f"spec.nodeName={node.name}")["items"]
+    return sum(
+        1
+        for p in items
+        if not p["spec"].get("hostNetwork")
+        and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+    )
+
+
+def _wait_status(node: KubeNode, what: str) -> None:
+    """Wait until the status counts the API's pods, one address per family each.
+
+    The agent writes its status every few seconds and only on change, so a value read
+    right after other tests' pods went may still count them: compare with the API.
+    """
+
+    def expected() -> tuple[dict[str, int], int]:
+        n = _networked_pods(node)
+        return ({"ipv4": n, "ipv6": n} if n else {}), n
+
+    def probe() -> tuple[tuple[dict[str, int], int], tuple[dict[str, int], int]]:
+        return _status(node), expected()
+
+    wait_until(
+        probe,
+        until=lambda seen: seen[0] == seen[1],
+        timeout=120,
+        what=f"NodeConfig status (seen, expected) {what}",
+    )
 
 
 def _router_http(node: KubeNode, ip: str, port: int = 8080) -> str:
@@ -222,20 +257,15 @@ def test_anycast_deployment_route_follows_readiness_and_scale(flock_node: KubeNo
 
 def test_deleting_a_deployment_releases_every_address(flock_node: KubeNode) -> None:
     name = _name("rel")
+    _wait_status(flock_node, "before the test")
     before = _pod_host_routes(flock_node)
-    status_before = _status(flock_node)
     flock_node.apply([deployment(name, replicas=3)])
     try:
         items = wait_ready(flock_node, f"app={name}", 3)
         ips = {ip for p in items for ip in pod_ips(p)}
         assert len(ips) == 6, ips
         assert ips <= _pod_host_routes(flock_node)
-        wait_until(
-            lambda: _status(flock_node),
-            until=lambda st: st[1] == status_before[1] + 3,
-            timeout=60,
-            what="the NodeConfig status counting the three pods",
-        )
+        _wait_status(flock_node, "counting the three pods")
     finally:
         _delete(flock_node, f"deployment/{name}")
     wait_gone(flock_node, f"app={name}")
@@ -248,12 +278,7 @@ def test_deleting_a_deployment_releases_every_address(flock_node: KubeNode) -> N
     )
     assert _pod_host_routes(flock_node) <= before
     # The agent's own account, through the API: allocations back where they were.
-    wait_until(
-        lambda: _status(flock_node),
-        until=lambda st: st == status_before,
-        timeout=60,
-        what=f"NodeConfig status back to {status_before}",
-    )
+    _wait_status(flock_node, "after the deletion")
     # The addresses are free again: a new pod may get any of them, and no
     # allocation of the old pods blocks a full re-creation.
     flock_node.apply([deployment(name, replicas=3)])
@@ -482,7 +507,6 @@ def _ctr_path() -> Any:
 
 def test_node_reboot_gives_every_pod_its_network_back_without_leaks(flock_node: KubeNode) -> None:
     name = _name("boot")
-    (allocs_before, pods_before) = _status(flock_node)
     flock_node.apply([deployment(name, replicas=3)])
     try:
         wait_ready(flock_node, f"app={name}", 3)
@@ -526,13 +550,7 @@ def test_node_reboot_gives_every_pod_its_network_back_without_leaks(flock_node: 
         )
         # Host routes go with the veths anyway; the allocations are flock's own: the
         # sandboxes that died with the reboot must not keep theirs.
-        want = {fam: allocs_before.get(fam, 0) + 3 for fam in ("ipv4", "ipv6")}
-        wait_until(
-            lambda: _status(flock_node),
-            until=lambda st: st == (want, pods_before + 3),
-            timeout=120,
-            what=f"NodeConfig status {want}, {pods_before + 3} pods after the reboot",
-        )
+        _wait_status(flock_node, "after the reboot")
     finally:
         _delete(flock_node, f"deployment/{name}")
     wait_gone(flock_node, f"app={name}")
