@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -232,8 +233,13 @@ int main(void) {
     struct timeval tv = {.tv_sec = strcmp(cmd, "STATUS") ? TIMEOUT_S : STATUS_TIMEOUT_S};
     setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(s, (struct sockaddr *)&addr, sizeof addr) < 0 ||
-        write_all(s, envbuf, elen) < 0 || write_all(s, in, len) < 0 || shutdown(s, SHUT_WR) < 0) {
+    /* One writev, so that the agent wakes once for the whole request (and its EOF). */
+    struct iovec iov[2] = {{envbuf, elen}, {in, len}};
+    ssize_t w = connect(s, (struct sockaddr *)&addr, sizeof addr) < 0 ? -1 : writev(s, iov, 2);
+    size_t sent = w < 0 ? 0 : (size_t)w;
+    if (w < 0 || (sent < elen && write_all(s, envbuf + sent, elen - sent) < 0) ||
+        write_all(s, in + (sent > elen ? sent - elen : 0), len - (sent > elen ? sent - elen : 0)) < 0 ||
+        shutdown(s, SHUT_WR) < 0) {
         close(s);
         return python(len, 0);
     }

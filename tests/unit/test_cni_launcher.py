@@ -190,6 +190,11 @@ SAME_INPUTS: list[tuple[dict[str, str | bytes], bytes | None]] = [
         b' "ipam": {"agentSocket": 1}}\n',
     ),
     (attach_env("ADD"), b'{"cniVersion":"0.4.0","name":"n","agentSocket":"SOCK","x":"\xc3\xa9"}'),
+    # Larger than a socket buffer: written while the agent reads (a short writev is completed).
+    (
+        attach_env("ADD"),
+        b'{"cniVersion":"1.0.0","name":"n","agentSocket":"SOCK","p":"%s"}' % (b"x" * 900_000),
+    ),
 ]
 
 
