@@ -398,3 +398,31 @@ def test_closed_stdout_is_an_exit_status_not_a_crash(
         finally:
             os.close(w)
         assert p.returncode == 1
+
+
+def raw_exchange(path: Path, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(str(path))
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"FLOCK/1\nCNI_COMMAND=ADD",  # the environment never ends
+        b"FLOCK/1\nNOT_CNI=1\0\0{}",  # not a CNI_* variable
+        b"FLOCK/1\nCNI_COMMAND\0\0{}",  # no '='
+    ],
+)
+def test_the_agent_answers_a_malformed_frame_with_a_frame(agent_sock: Path, frame: bytes) -> None:
+    reply = raw_exchange(agent_sock, frame)
+    head, _, rest = reply.partition(b"\n")
+    status, out_len, err_len = (int(f) for f in head.removeprefix(b"FLOCK/1 ").split(b" "))
+    assert status == 1 and len(rest) == out_len + err_len
+    assert is_cni_error(rest[:out_len], 6)["msg"] == "RPC request is not a valid frame"
