@@ -367,6 +367,8 @@ async def scale_run(n_pods: int, n_pol: int, n_local: int, repeat: int, how: str
     assert (await rec.sync()).policy_ok
     new_alloc = alloc(newlocal, n_local + 1)
     cases = {
+        # A pass with nothing to do: the loop's own floor (wake-ups, the pass, notify).
+        "no change (the loop's floor)": (lambda: None, lambda: None),
         "remote pod added / deleted": (
             lambda: store.set_pod(newpod.key, newpod),
             lambda: store.set_pod(newpod.key, None),
