@@ -399,7 +399,12 @@ def test_network_policy_blocks_and_allows_also_through_the_service(flock_node: K
                 timeout=60,
                 what=f"{bad} blocked from {ip}:{port}",
             )
-            assert pod_http(flock_node, ok, ip, port=port) == srv_name, (ip, port)
+            wait_until(
+                lambda ip=ip, port=port: pod_http(flock_node, ok, ip, port=port),
+                until=lambda b: b == srv_name,
+                timeout=60,
+                what=f"{ok} still allowed to {ip}:{port} under the policy",
+            )
         flock_node.kubectl("delete", "networkpolicy", pol)
         for ip, port in targets:
             wait_until(
