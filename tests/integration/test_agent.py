@@ -58,7 +58,7 @@ def fnode() -> Iterator[TestNode]:
 
 
 def ping(pod: Pod | TestNode, dst: str) -> bool:
-    args = ["ping", "-c", "1", "-W", "2", dst]
+    args = ["ping", "-c", "1", "-W", "10", dst]  # one packet; 10 s: a deadline, not a bound
     if isinstance(pod, Pod):
         r = netns.run(args, netns=pod.netns_name, check=False)
     else:

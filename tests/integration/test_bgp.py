@@ -405,7 +405,7 @@ def test_traffic_from_router_reaches_the_anycast_replica(lab: Lab) -> None:
             what="FIB v4",
         )
         for ip in ("2001:db8:a::53", "198.51.100.53"):
-            res = netns.run(["ping", "-c", "2", "-W", "2", ip], netns=lab.router_ns, check=False)
+            res = netns.run(["ping", "-c", "2", "-W", "10", ip], netns=lab.router_ns, check=False)
             assert res.returncode == 0, res.stdout + res.stderr
         # Withdrawn: the router has no route left, so the same ping fails.
         lab.export(n1)

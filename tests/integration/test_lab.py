@@ -161,7 +161,9 @@ def test_add_exec_delete_pod(lab: str, capfd: pytest.CaptureFixture[str]) -> Non
         rec = core.Lab.open(lab).state.pods["default/extra"]
         assert rec.addresses and state.netns_prefix(lab) in rec.netns
         v6 = next(a for a in rec.addresses if ":" in a)
-        assert cli.main(["exec", "--name", lab, "web-1", "--", "ping", "-6", "-c1", "-W2", v6]) == 0
+        assert (
+            cli.main(["exec", "--name", lab, "web-1", "--", "ping", "-6", "-c1", "-W10", v6]) == 0
+        )
         assert (
             cli.main(["exec", "--name", lab, "extra", "--", "ip", "-6", "addr", "show", "lo"]) == 0
         )
