@@ -53,6 +53,8 @@ start):
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -394,12 +396,15 @@ class KubeNode:
             raise KubeNodeError("the node was created without a router (router=True)")
         frr = FrrRouter(self.router_ns, self.dir / "frr")
         neighbors = [
-            Neighbor(address=_ip(NODE_IP6), asn=node_asn),
-            Neighbor(address=_ip(NODE_IP4), asn=node_asn),
+            Neighbor(address=ipaddress.ip_address(NODE_IP6), asn=node_asn),
+            Neighbor(address=ipaddress.ip_address(NODE_IP4), asn=node_asn),
         ]
         frr.start(
             router_config(
-                asn=router_asn, router_id=_ip4(ROUTER_IP4), neighbors=neighbors, hostname="router"
+                asn=router_asn,
+                router_id=ipaddress.IPv4Address(ROUTER_IP4),
+                neighbors=neighbors,
+                hostname="router",
             )
         )
         self.frr = frr
@@ -1023,7 +1028,8 @@ disabled_plugins = [
         self._drop_mount_ns()
         c = self.dir / "containerd"
         for volatile in (c / "state", c / "runc", self.dir / "s"):
-            _rmtree_unmounted(volatile)
+            # Their mounts died with the old mount namespace: plain dirs now.
+            shutil.rmtree(volatile, ignore_errors=True)
         (self.dir / "s").mkdir(mode=0o700)
         self._new_mount_ns()
         self._start_containerd()
@@ -1062,11 +1068,6 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
 
 
-def _rmtree_unmounted(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def _parse_logfmt(line: str) -> dict[str, str]:
     out: dict[str, str] = {}
     with contextlib.suppress(ValueError):
@@ -1079,20 +1080,6 @@ def _parse_logfmt(line: str) -> dict[str, str]:
 
 def _timestamp(text: str) -> float:
     """Epoch seconds of containerd's RFC 3339 nanosecond timestamps."""
-    import datetime
-
     head, _, frac = text.rstrip("Z").partition(".")
     dt = datetime.datetime.fromisoformat(head).replace(tzinfo=datetime.UTC)
     return dt.timestamp() + (float(f"0.{frac}") if frac else 0.0)
-
-
-def _ip(text: str) -> Any:
-    import ipaddress
-
-    return ipaddress.ip_address(text)
-
-
-def _ip4(text: str) -> Any:
-    import ipaddress
-
-    return ipaddress.IPv4Address(text)
